@@ -1,0 +1,3 @@
+"""UBP: user-space breakpoints for Python."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,139 @@
+"""ELF files: which arch they hold, and their function symbols (pyelftools)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+from .errors import UbpError
+from .types import ElfIdent
+
+
+class ElfFileError(UbpError):
+    """Not an ELF file, or one pyelftools cannot read."""
+
+
+@dataclass(frozen=True, slots=True)
+class Symbol:
+    name: str
+    address: int  # st_value (link-time virtual address)
+    size: int
+    kind: str  # "func", "ifunc", "object", ...
+    binding: str
+
+
+def elf_ident_of(path: str) -> ElfIdent:
+    with open(path, "rb") as f:
+        return _ident(_open(f, path))
+
+
+def _open(f, path: str) -> ELFFile:
+    try:
+        return ELFFile(f)
+    except (ELFError, ValueError, OSError) as exc:
+        raise ElfFileError(f"{path}: not a readable ELF file ({exc})") from None
+
+
+def _ident(elf: ELFFile) -> ElfIdent:
+    return ElfIdent(elf["e_machine"], elf.elfclass,
+                    "little" if elf.little_endian else "big", elf["e_flags"])
+
+
+class ElfImage:
+    """An ELF file opened for symbol and code lookups."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self._f = open(path, "rb")
+        except OSError as exc:
+            raise ElfFileError(f"{path}: {exc.strerror}") from None
+        self.elf = _open(self._f, path)
+        self.ident = _ident(self.elf)
+        self._segments = [
+            (seg["p_vaddr"], seg["p_memsz"], seg["p_filesz"], seg["p_offset"], seg["p_flags"])
+            for seg in self.elf.iter_segments() if seg["p_type"] == "PT_LOAD"
+        ]
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> ElfImage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def is_pie_or_shared(self) -> bool:
+        return self.elf["e_type"] == "ET_DYN"
+
+    @cached_property
+    def symbols(self) -> list[Symbol]:
+        """Function symbols from .symtab and .dynsym, one per (name, address)."""
+        seen: set[tuple[str, int]] = set()
+        out: list[Symbol] = []
+        for secname in (".symtab", ".dynsym"):
+            sec = self.elf.get_section_by_name(secname)
+            if sec is None or not hasattr(sec, "iter_symbols"):
+                continue
+            try:
+                for sym in sec.iter_symbols():
+                    kind = sym["st_info"]["type"]
+                    if kind not in ("STT_FUNC", "STT_GNU_IFUNC") or not sym.name:
+                        continue
+                    if sym["st_shndx"] == "SHN_UNDEF" or sym["st_value"] == 0:
+                        continue
+                    name = sym.name.split("@")[0]
+                    key = (name, sym["st_value"])
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    out.append(Symbol(name, sym["st_value"], sym["st_size"],
+                                      "ifunc" if kind == "STT_GNU_IFUNC" else "func",
+                                      sym["st_info"]["bind"]))
+            except (ELFError, ValueError, KeyError, UnicodeDecodeError) as exc:
+                raise ElfFileError(f"{self.path}: corrupt {secname}: {exc}") from None
+        return out
+
+    def functions(self) -> list[Symbol]:
+        """Function symbols with a size, one per address (aliases folded)."""
+        by_addr: dict[int, Symbol] = {}
+        for sym in self.symbols:
+            if sym.size <= 0:
+                continue
+            have = by_addr.get(sym.address)
+            if have is None or (have.binding != "STB_GLOBAL" and sym.binding == "STB_GLOBAL"):
+                by_addr[sym.address] = sym
+        return sorted(by_addr.values(), key=lambda s: s.address)
+
+    def read(self, vaddr: int, size: int) -> bytes:
+        """Bytes of the file image at a link-time virtual address."""
+        for start, _memsz, filesz, offset, _flags in self._segments:
+            if start <= vaddr < start + filesz:
+                size = min(size, start + filesz - vaddr)
+                self._f.seek(offset + vaddr - start)
+                return self._f.read(size)
+        raise ElfFileError(f"{self.path}: no file data at {vaddr:#x}")
+
+    def executable_ranges(self) -> list[tuple[int, int]]:
+        return [(s, s + fs) for s, _m, fs, _o, fl in self._segments if fl & 1]
+
+    def vaddr_to_offset(self, vaddr: int) -> int | None:
+        for start, _memsz, filesz, offset, _flags in self._segments:
+            if start <= vaddr < start + filesz:
+                return offset + vaddr - start
+        return None
+
+    def offset_to_vaddr(self, off: int) -> int | None:
+        for start, _memsz, filesz, offset, _flags in self._segments:
+            if offset <= off < offset + filesz:
+                return start + off - offset
+        return None
+
+    def file_size(self) -> int:
+        return os.fstat(self._f.fileno()).st_size

@@ -1,0 +1,565 @@
+"""The engine: probe table, breakpoints, XOL slots and the hit path.
+
+One engine drives one target.  It knows no opcode (every instruction fact comes from
+the ArchOps plugin) and no operating-system call (every process fact comes from the
+Target).  The caller owns the event loop: it waits for stops and hands each one to
+:meth:`Engine.handle`, which either consumes it (the thread has been resumed) or
+returns False so the caller deals with it (a signal for the program, an exit ...).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import signal as _signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import policy
+from .archops import ArchOps
+from .errors import MemoryFault, ProbeError, RefusedError, TargetError
+from .target import Stop, StopKind, Target
+from .types import Analysis, Effect, Regs, Strategy, XolStep
+from .xol import XolAllocator
+
+log = logging.getLogger("ubp.engine")
+
+Handler = Callable[["Hit"], Any]
+
+
+class Hit:
+    """What a handler receives: the thread, the probe, and its registers (read/write).
+
+    Writing a register through ``regs`` (or :meth:`set`) changes the thread; setting
+    the pc elsewhere skips the probed instruction.
+    """
+
+    __slots__ = ("engine", "probe", "regs", "tid")
+
+    def __init__(self, engine: Engine, tid: int, probe: Probe, regs: Regs) -> None:
+        self.engine = engine
+        self.tid = tid
+        self.probe = probe
+        self.regs = regs
+
+    @property
+    def pc(self) -> int:
+        return self.regs[self.engine.arch.abi.pc]
+
+    @property
+    def sp(self) -> int:
+        return self.regs[self.engine.arch.abi.sp]
+
+    def arg(self, n: int) -> int:
+        """The n-th integer argument (0-based) by the arch's calling convention."""
+        args = self.engine.arch.abi.args
+        if not 0 <= n < len(args):
+            raise IndexError(f"{self.engine.arch.name} passes {len(args)} arguments in registers")
+        return self.regs[args[n]]
+
+    @property
+    def args(self) -> list[int]:
+        return [self.regs[r] for r in self.engine.arch.abi.args]
+
+    @property
+    def retval(self) -> int:
+        return self.regs[self.engine.arch.abi.retval]
+
+    @property
+    def return_address(self) -> int:
+        return self.engine.arch.return_address(self.regs, self.engine.target.read_memory)
+
+    def set(self, reg: str, value: int) -> None:
+        self.regs[reg] = value & ((1 << 64) - 1)
+
+    def read(self, address: int, size: int) -> bytes:
+        return self.engine.target.read_memory(address, size)
+
+    def read_str(self, address: int, limit: int = 256) -> bytes:
+        """A NUL-terminated string from target memory, at most ``limit`` bytes."""
+        out = bytearray()
+        while len(out) < limit:
+            chunk_len = min(64, limit - len(out), 4096 - ((address + len(out)) & 4095))
+            try:
+                chunk = self.read(address + len(out), chunk_len)
+            except MemoryFault:
+                break
+            nul = chunk.find(b"\0")
+            if nul >= 0:
+                out += chunk[:nul]
+                break
+            out += chunk
+        return bytes(out)
+
+
+@dataclass(eq=False)
+class Probe:
+    """A handler attached to an address."""
+
+    id: int
+    address: int
+    handler: Handler | None
+    requested: Strategy | None
+    label: str
+    enabled: bool = True
+    hits: int = 0
+    site: Site | None = field(default=None, repr=False)
+
+    @property
+    def strategy(self) -> Strategy | None:
+        return self.site.strategy if self.site else None
+
+
+@dataclass(eq=False)
+class Site:
+    """One breakpoint: the original bytes, the analysis, the chosen strategy, its probes."""
+
+    address: int
+    original: bytes
+    analysis: Analysis
+    strategy: Strategy
+    probes: list[Probe] = field(default_factory=list)
+    boost_slot: int | None = None
+    inserted: bool = False
+    handlers: tuple[Probe, ...] = ()  # enabled probes, cached for the hit path
+
+    def refresh(self) -> None:
+        self.handlers = tuple(p for p in self.probes if p.enabled)
+
+    @property
+    def end(self) -> int:
+        return self.address + self.analysis.insn.length
+
+
+@dataclass(slots=True)
+class ThreadState:
+    step: XolStep | None = None
+    site: Site | None = None
+    inline: bool = False
+    boost_step: bool = False  # single-stepping a boost slot to defer a signal
+    deferred: list[int] = field(default_factory=list)
+
+
+ASYNC_DEFAULT_IGNORED = frozenset({_signal.SIGCHLD, _signal.SIGWINCH, _signal.SIGURG})
+
+
+class Engine:
+    """Probes on one target."""
+
+    def __init__(self, target: Target, arch: ArchOps | None = None, *,
+                 xol: XolAllocator | None = None, handler_errors: str = "log") -> None:
+        self.target = target
+        self.arch = arch or target.arch
+        self.xol = xol or XolAllocator(target, self.arch.xol_slot_size, self.arch.branch_reach)
+        self.sites: dict[int, Site] = {}
+        self.probes: dict[int, Probe] = {}
+        self.threads: dict[int, ThreadState] = {}
+        self.boost_slots: dict[int, Site] = {}
+        self.removed: dict[int, int] = {}  # address -> instruction length, for late traps
+        self.handler_errors = handler_errors  # "log" or "raise"
+        self.errors: list[tuple[Probe, BaseException]] = []
+        self.total_hits = 0
+        self._ids = itertools.count(1)
+        self._slot_code: dict[int, bytes] = {}
+        self._pc = self.arch.abi.pc
+        self._bp = self.arch.breakpoint
+        self._pc_after = self.arch.pc_after_trap
+
+    # ------------------------------------------------------------------ analysis
+    def read_instruction(self, address: int) -> bytes:
+        """The original bytes at ``address`` (as if no breakpoint were there)."""
+        size = self.arch.max_insn_len
+        while True:
+            try:
+                code = bytearray(self.target.read_memory(address, size))
+                break
+            except MemoryFault:
+                # the instruction may end right before an unmapped page
+                page_left = 4096 - (address & 4095)
+                if size <= page_left or size <= 1:
+                    raise
+                size = page_left
+        for site in self.sites.values():  # hide our own breakpoints
+            lo = max(site.address, address)
+            hi = min(site.address + len(site.original), address + len(code))
+            for a in range(lo, hi):
+                code[a - address] = site.original[a - site.address]
+        return bytes(code)
+
+    def analyze(self, address: int) -> Analysis:
+        """Decode and analyse the original instruction at ``address``."""
+        if address % self.arch.insn_alignment:
+            raise ProbeError(f"{address:#x} is not aligned to {self.arch.insn_alignment} bytes, "
+                             f"so it is not an instruction boundary on {self.arch.name}")
+        code = self.read_instruction(address)
+        insn = self.arch.decode(code, address)
+        return self.arch.analyze(insn)
+
+    # ------------------------------------------------------------------ probes
+    def add_probe(self, address: int, handler: Handler | None = None, *,
+                  strategy: Strategy | str | None = None, label: str | None = None,
+                  analysis: Analysis | None = None) -> Probe:
+        """Attach ``handler`` at ``address``; the breakpoint goes in at once.
+
+        Raises RefusedError when the instruction cannot be probed (or not with the
+        requested strategy) and ProbeError for an address that cannot hold a probe; in
+        both cases the target is left untouched.
+        """
+        requested = Strategy(strategy) if strategy is not None else None
+        site = self.sites.get(address)
+        if site is not None:
+            if requested is not None and requested is not site.strategy:
+                raise ProbeError(
+                    f"{address:#x} is already probed with strategy {site.strategy.value}; "
+                    f"a second probe there cannot use {requested.value}")
+        else:
+            self._check_overlap(address)
+            if analysis is None:
+                analysis = self.analyze(address)
+            site = self._make_site(address, analysis, requested)
+        probe = Probe(next(self._ids), address, handler, requested,
+                      label or f"{address:#x}", site=site)
+        site.probes.append(probe)
+        site.refresh()
+        self.probes[probe.id] = probe
+        if not site.inserted:
+            self._insert(site)
+        return probe
+
+    def _check_overlap(self, address: int) -> None:
+        for site in self.sites.values():
+            if site.address < address < site.end:
+                raise ProbeError(
+                    f"{address:#x} is inside the instruction probed at {site.address:#x} "
+                    f"({site.analysis.insn.text}); not an instruction boundary")
+            if address < site.address < address + self.arch.max_insn_len:
+                # the new instruction may cover an existing breakpoint; check its length
+                code = self.read_instruction(address)
+                insn = self.arch.decode(code, address)
+                if site.address < address + insn.length:
+                    raise ProbeError(
+                        f"the instruction at {address:#x} ({insn.text}) covers the probe at "
+                        f"{site.address:#x}; {site.address:#x} is not an instruction boundary")
+
+    def _make_site(self, address: int, analysis: Analysis, requested: Strategy | None) -> Site:
+        tries = policy.candidates(analysis, requested)
+        original = self.read_instruction(address)[:len(self._bp)]
+        for strategy in tries:
+            site = Site(address, original, analysis, strategy)
+            if strategy is Strategy.BOOST:
+                try:
+                    slot = self.xol.slot(address)
+                except TargetError:
+                    slot = None
+                code = self.arch.boost(analysis, slot) if slot is not None else None
+                if code is None:
+                    if slot is not None:
+                        self.xol.release(slot)
+                    if requested is Strategy.BOOST:
+                        raise RefusedError(
+                            f"cannot boost {policy.describe(analysis)}: no XOL slot within "
+                            f"reach of the jump back", "boost out of reach")
+                    continue
+                self.target.write_memory(slot, code)
+                site.boost_slot = slot
+                self.boost_slots[slot] = site
+            if strategy is Strategy.SSOL and analysis.ssol_reach:
+                near = address if analysis.ssol_near is None else analysis.ssol_near
+                try:
+                    self.xol.release(self.xol.slot(near, analysis.ssol_reach))
+                except TargetError:
+                    if requested is Strategy.SSOL:
+                        raise RefusedError(
+                            f"cannot step {policy.describe(analysis)} out of line: no XOL "
+                            f"slot within reach of its operand at {near:#x}",
+                            "ssol out of reach") from None
+                    continue
+            self.sites[address] = site
+            return site
+        raise RefusedError(f"no usable strategy for {policy.describe(analysis)}", "no strategy")
+
+    def _insert(self, site: Site) -> None:
+        self.target.write_memory(site.address, self._bp)
+        site.inserted = True
+        self.removed.pop(site.address, None)
+
+    def _uninsert(self, site: Site) -> None:
+        if site.inserted:
+            self.target.write_memory(site.address, site.original)
+            site.inserted = False
+            self.removed[site.address] = site.analysis.insn.length
+
+    def enable(self, probe: Probe) -> None:
+        probe.enabled = True
+        if probe.site:
+            probe.site.refresh()
+
+    def disable(self, probe: Probe) -> None:
+        """Stop calling the handler; the breakpoint stays while other probes share it."""
+        probe.enabled = False
+        if probe.site:
+            probe.site.refresh()
+
+    def remove_probe(self, probe: Probe) -> None:
+        site = probe.site
+        self.probes.pop(probe.id, None)
+        if site is None:
+            return
+        probe.site = None
+        site.probes.remove(probe)
+        site.refresh()
+        if not site.probes:
+            self._uninsert(site)
+            del self.sites[site.address]
+            # a boost slot stays allocated: a thread may still be running through it
+
+    def remove_all(self) -> None:
+        """Put every original byte back.  Safe to call more than once."""
+        errors = []
+        for site in list(self.sites.values()):
+            try:
+                self._uninsert(site)
+            except Exception as exc:
+                errors.append(exc)
+        self.sites.clear()
+        self.probes.clear()
+        if errors:
+            raise TargetError(f"could not restore {len(errors)} breakpoint(s): {errors[0]}")
+
+    # ------------------------------------------------------------------ stops
+    def handle(self, stop: Stop) -> bool:
+        """Process a stop.  True: consumed, the thread has been resumed (or handed on)."""
+        kind = stop.kind
+        if kind is StopKind.TRAP:
+            ts = self.threads.get(stop.tid)
+            if ts is not None and (ts.step is not None or ts.boost_step):
+                self._finish_step(stop.tid, ts)
+                return True
+            return self._on_breakpoint(stop.tid)
+        if kind is StopKind.SIGNAL:
+            return self._on_signal(stop)
+        if kind is StopKind.EXITED:
+            self.forget_thread(stop.tid)
+        return False
+
+    def _stepping(self, tid: int) -> bool:
+        ts = self.threads.get(tid)
+        return ts is not None and (ts.step is not None or ts.boost_step)
+
+    def forget_thread(self, tid: int) -> None:
+        ts = self.threads.pop(tid, None)
+        if ts is not None and ts.step is not None:
+            self._end_step(tid, ts, resume=False)
+
+    # ------------------------------------------------------------------ the hit path
+    def _on_breakpoint(self, tid: int) -> bool:
+        target = self.target
+        regs = target.get_regs(tid)
+        addr = regs[self._pc] - self._pc_after
+        site = self.sites.get(addr)
+        if site is None or not site.inserted:
+            if addr in self.removed:
+                # the breakpoint went away while this thread was trapping on it
+                regs[self._pc] = addr
+                target.set_regs(tid, regs)
+                target.resume(tid)
+                return True
+            return False
+        regs[self._pc] = addr
+        self.total_hits += 1
+        for probe in site.handlers:
+            probe.hits += 1
+            if probe.handler is not None:
+                try:
+                    probe.handler(Hit(self, tid, probe, regs))
+                except Exception as exc:
+                    if self.handler_errors == "raise":
+                        raise
+                    self.errors.append((probe, exc))
+                    log.warning("handler of probe %s raised %r", probe.label, exc)
+        if regs[self._pc] != addr:  # a handler redirected the thread: skip the instruction
+            target.set_regs(tid, regs)
+            target.resume(tid)
+            return True
+        self._execute(tid, site, regs, site.strategy)
+        return True
+
+    def _execute(self, tid: int, site: Site, regs: Regs, strategy: Strategy) -> None:
+        target = self.target
+        if strategy is Strategy.BOOST:
+            regs[self._pc] = site.boost_slot
+            target.set_regs(tid, regs)
+            target.resume(tid)
+            return
+        if strategy is Strategy.EMULATE:
+            effect = self.arch.emulate(site.analysis, regs, target.read_memory)
+            if effect is not None and self._apply(tid, regs, effect):
+                target.resume(tid)
+                return
+            strategy = Strategy.SSOL if Strategy.SSOL in site.analysis.strategies else Strategy.INLINE
+        ts = self.threads.get(tid)
+        if ts is None:
+            ts = self.threads[tid] = ThreadState()
+        if strategy is Strategy.INLINE:
+            slot = site.address
+            ts.inline = True
+            target.stop_others(tid)
+        else:
+            an = site.analysis
+            slot = self.xol.slot(site.address if an.ssol_near is None else an.ssol_near,
+                                 an.ssol_reach)
+            ts.inline = False
+        step = self.arch.prepare_xol(site.analysis, slot, regs)
+        if ts.inline:
+            target.write_memory(slot, step.code)
+        elif self._slot_code.get(slot) != step.code:
+            target.write_memory(slot, step.code)
+            self._slot_code[slot] = step.code
+        regs.update(step.regs)
+        target.set_regs(tid, regs)
+        ts.step = step
+        ts.site = site
+        target.resume(tid, step=True)
+
+    def _apply(self, tid: int, regs: Regs, effect: Effect) -> bool:
+        """Apply memory then registers; False when a memory write faulted (nothing applied)."""
+        for address, data in effect.mem:
+            try:
+                self.target.write_memory(address, data)
+            except MemoryFault:
+                return False
+        regs.update(effect.regs)
+        self.target.set_regs(tid, regs)
+        if effect.extra:
+            self.target.set_extra(tid, effect.extra)
+        return True
+
+    def _finish_step(self, tid: int, ts: ThreadState) -> None:
+        target = self.target
+        regs = target.get_regs(tid)
+        if ts.boost_step:
+            site = ts.site
+            assert site is not None and site.boost_slot is not None
+            pc = regs[self._pc]
+            if pc == site.boost_slot:  # not finished (a rep iteration): once more
+                target.resume(tid, step=True)
+                return
+            if pc == site.boost_slot + site.analysis.insn.length:
+                regs[self._pc] = site.end
+                target.set_regs(tid, regs)
+            ts.boost_step = False
+            ts.site = None
+            self._resume_with_deferred(tid, ts)
+            return
+        step = ts.step
+        assert step is not None
+        effect = self.arch.post_xol(step, regs, target.read_memory)
+        if effect.step_again:
+            if effect.regs or effect.mem:
+                self._apply(tid, regs, effect)
+            target.resume(tid, step=True)
+            return
+        if not self._apply(tid, regs, effect):
+            raise TargetError(f"post-step fixup of {step.analysis.insn.text} could not write memory")
+        self._end_step(tid, ts, resume=True)
+
+    def _end_step(self, tid: int, ts: ThreadState, *, resume: bool) -> None:
+        step, site = ts.step, ts.site
+        ts.step = None
+        ts.site = None
+        if ts.inline:
+            ts.inline = False
+            if site is not None and site.address in self.sites and site.probes:
+                self.target.write_memory(site.address, self._bp)
+            self.target.resume_others(tid)
+        elif step is not None:
+            self.xol.release(step.slot)
+        if resume:
+            self._resume_with_deferred(tid, ts)
+
+    def _resume_with_deferred(self, tid: int, ts: ThreadState) -> None:
+        sig = ts.deferred.pop(0) if ts.deferred else 0
+        for later in ts.deferred:
+            self.target_requeue(tid, later)
+        ts.deferred.clear()
+        self.target.resume(tid, signal=sig)
+
+    def target_requeue(self, tid: int, signo: int) -> None:
+        requeue = getattr(self.target, "queue_signal", None)
+        if requeue is None:
+            log.warning("signal %d to thread %d lost: target cannot queue signals", signo, tid)
+        else:
+            requeue(tid, signo)
+
+    def _on_signal(self, stop: Stop) -> bool:
+        tid = stop.tid
+        ts = self.threads.get(tid)
+        target = self.target
+        if ts is not None and ts.step is not None:
+            step = ts.step
+            regs = target.get_regs(tid)
+            if stop.fault and regs[self._pc] == step.slot:
+                # the instruction itself faulted: make it fault at its own address
+                effect = self.arch.abort_xol(step, regs, target.read_memory)
+                self._apply(tid, regs, effect)
+                self._end_step(tid, ts, resume=False)
+                for later in ts.deferred:
+                    self.target_requeue(tid, later)
+                ts.deferred.clear()
+                return False  # the caller delivers the signal, pc now at the original
+            # asynchronous: hold it until the instruction is done, then deliver it
+            ts.deferred.append(stop.signo)
+            target.resume(tid, step=True)
+            return True
+        if ts is not None and ts.boost_step:
+            ts.deferred.append(stop.signo)
+            target.resume(tid, step=True)
+            return True
+        if not self.boost_slots:
+            return False
+        regs = target.get_regs(tid)
+        pc = regs[self._pc]
+        area = self.xol.area_of(pc)
+        if area is None:
+            return False
+        slot = area.base + (pc - area.base) // area.slot_size * area.slot_size
+        site = self.boost_slots.get(slot)
+        if site is None:
+            return False
+        offset = pc - slot
+        if offset == 0:
+            if stop.fault:
+                regs[self._pc] = site.address
+                target.set_regs(tid, regs)
+                return False
+            ts = self.threads.setdefault(tid, ThreadState())
+            ts.boost_step = True
+            ts.site = site
+            ts.deferred.append(stop.signo)
+            target.resume(tid, step=True)
+            return True
+        if offset == site.analysis.insn.length:
+            regs[self._pc] = site.end
+            target.set_regs(tid, regs)
+        return False
+
+    # ------------------------------------------------------------------ driving
+    def run_until_foreign(self, tid: int, *, max_hits: int | None = None,
+                          timeout: float | None = None) -> Stop:
+        """Resume ``tid`` and handle stops until one the engine does not consume.
+
+        For single-threaded targets (reference CPUs).  ``max_hits`` bounds the probe
+        hits handled, after which a TIMEOUT stop is returned.
+        """
+        self.target.resume(tid)
+        start_hits = self.total_hits
+        while True:
+            stop = self.target.wait(timeout)
+            if stop.kind is StopKind.TIMEOUT:
+                return stop
+            if max_hits is not None and self.total_hits - start_hits >= max_hits \
+                    and stop.kind is StopKind.TRAP and not self._stepping(tid):
+                return Stop(tid, StopKind.TIMEOUT)  # the thread stays stopped
+            if not self.handle(stop):
+                return stop

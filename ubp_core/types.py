@@ -1,0 +1,204 @@
+"""Small data types shared by the core, the plugins and the targets.
+
+Plugins receive and return only these (plus bytes, ints and register mappings), so a
+plugin never needs to know what kind of target it is working for.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Register file as handed to plugins and handlers: register name -> unsigned value.
+Regs = MutableMapping[str, int]
+#: ``read(address, size) -> bytes``; raises :class:`ubp_core.errors.MemoryFault`.
+ReadMemory = Callable[[int, int], bytes]
+
+
+class Strategy(str, enum.Enum):
+    """How the instruction covered by a breakpoint is executed."""
+
+    EMULATE = "emulate"  #: the tracer computes the effect; one stop per hit
+    BOOST = "boost"  #: copy + jump back in an XOL slot; one stop per hit
+    SSOL = "ssol"  #: single-step a copy in an XOL slot, then fix up; two stops
+    INLINE = "inline"  #: put the original back, step it in place; two stops
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: Default preference: no single-step where it is proven unnecessary.
+POLICY_ORDER: tuple[Strategy, ...] = (Strategy.EMULATE, Strategy.BOOST, Strategy.SSOL)
+
+
+@dataclass(frozen=True, slots=True)
+class Insn:
+    """One decoded instruction."""
+
+    address: int
+    raw: bytes
+    mnemonic: str
+    op_str: str
+
+    @property
+    def length(self) -> int:
+        return len(self.raw)
+
+    @property
+    def text(self) -> str:
+        return f"{self.mnemonic} {self.op_str}".strip()
+
+
+@dataclass(frozen=True, slots=True)
+class Analysis:
+    """A plugin's verdict on one instruction at one address.
+
+    Either ``refusal`` is set (and ``strategies`` is empty) or ``strategies`` holds every
+    strategy that executes the instruction correctly.  ``kind`` is a short, stable
+    classification used in reports (``"rel-branch"``, ``"rip-relative"``, ...).
+    ``plan`` is private to the plugin: what its prepare/post/boost/emulate hooks need.
+    ``volatile`` names registers whose value after the instruction is not reproducible
+    (a time stamp counter, a hardware random number): the conformance kit does not
+    compare them.  ``faults`` is True for instructions whose defined behaviour is to
+    raise (ud2): a fault from them is their semantics, not a CPU's inability.
+    ``ssol_reach``/``ssol_near`` bound where its single-step slot may be (a pc-relative
+    operand that is re-based rather than rewritten must still reach its target).
+    """
+
+    insn: Insn
+    strategies: frozenset[Strategy]
+    refusal: str | None = None
+    kind: str = "plain"
+    plan: Any = None
+    volatile: frozenset[str] = frozenset()
+    faults: bool = False
+    #: an SSOL slot must lie within ``ssol_reach`` bytes of ``ssol_near`` (the
+    #: instruction itself when None); 0: anywhere
+    ssol_reach: int = 0
+    ssol_near: int | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.refusal is None
+
+    @property
+    def address(self) -> int:
+        return self.insn.address
+
+    def ssol_slot_ok(self, slot: int) -> bool:
+        if not self.ssol_reach:
+            return True
+        near = self.insn.address if self.ssol_near is None else self.ssol_near
+        return abs(slot - near) < self.ssol_reach - 4096
+
+
+@dataclass(slots=True)
+class XolStep:
+    """Per-step state, created by ``prepare_xol`` and handed to ``post_xol``/``abort_xol``.
+
+    ``code`` is written at ``slot`` before the step; ``regs`` are written to the
+    thread (they always include the pc).  ``state`` belongs to the plugin (a saved
+    scratch register, for instance).  The engine never reads ``state``.
+    """
+
+    analysis: Analysis
+    slot: int
+    code: bytes
+    regs: dict[str, int]
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def correction(self) -> int:
+        return self.analysis.insn.address - self.slot
+
+
+@dataclass(slots=True)
+class Effect:
+    """Register and memory changes a plugin asks the engine to apply.
+
+    ``step_again`` (post_xol only): the instruction has not finished (an x86 ``rep``
+    iteration); step once more in the same slot without running handlers.
+    ``extra`` sets registers outside the general register file (the x87 last
+    instruction pointer, say) through :meth:`~ubp_core.target.Target.set_extra`.
+    """
+
+    regs: dict[str, int] = field(default_factory=dict)
+    mem: list[tuple[int, bytes]] = field(default_factory=list)
+    step_again: bool = False
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ElfIdent:
+    """What an ELF header says about the code inside."""
+
+    machine: str  #: pyelftools e_machine string, e.g. ``"EM_X86_64"``
+    bits: int  #: 32 or 64 (ELF class)
+    byteorder: str  #: ``"little"`` or ``"big"``
+    flags: int = 0  #: e_flags (ppc64 ABI version lives here)
+
+
+@dataclass(frozen=True, slots=True)
+class Abi:
+    """The registers a handler needs, and how to make a system call (Linux ABI).
+
+    ``return_address`` names the link register on arches that have one; None means
+    the return address is on the stack at ``sp`` on function entry.
+    ``syscall_numbers`` gives at least ``mmap``, ``munmap``, ``mprotect`` and
+    ``getpid`` for this arch's Linux ABI.
+    """
+
+    pc: str
+    sp: str
+    args: tuple[str, ...]
+    retval: str
+    return_address: str | None
+    flags: str | None
+    syscall_insn: bytes
+    syscall_nr: str
+    syscall_args: tuple[str, ...]
+    syscall_ret: str
+    syscall_numbers: Mapping[str, int]
+    #: mmap is the old one-argument-block call on some ABIs; None when it is direct
+    mmap_name: str = "mmap"
+
+
+@dataclass(frozen=True, slots=True)
+class UnicornSpec:
+    """How to run this arch on unicorn (a reference CPU).
+
+    ``registers`` maps every register name of the plugin's register file to unicorn's
+    constant.  ``interrupts`` maps an interrupt number to the Linux signal it raises;
+    ``breakpoint_interrupt`` is the one the breakpoint instruction raises.
+    ``setup`` (optional) is called with the fresh ``Uc`` (to enable an FPU, say);
+    ``on_syscall`` (optional) completes a system-call instruction the way the kernel
+    would for the register state (unicorn does not model the kernel).
+    """
+
+    arch: int
+    mode: int
+    registers: Mapping[str, int]
+    breakpoint_interrupt: int
+    interrupts: Mapping[int, int]
+    setup: Callable[[Any], None] | None = None
+    on_syscall: Callable[[Any], None] | None = None
+    syscall_hook: int | None = None  #: UC_HOOK_INSN instruction id, or None for intr
+    #: vector/extra registers randomised and compared: name -> (unicorn constant, bytes)
+    vectors: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    #: says why unicorn cannot run an instruction faithfully (None: it can); such
+    #: cases are left to another reference CPU or reported unverified
+    unfaithful: Callable[[Any], str | None] | None = None
+    #: where unicorn leaves the pc after the breakpoint interrupt, relative to the
+    #: breakpoint (the hardware's value is ArchOps.pc_after_trap)
+    pc_after_breakpoint: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class QemuSpec:
+    """How to run this arch's Linux programs under qemu-user with a GDB stub."""
+
+    binary: str  #: e.g. ``"qemu-ppc64le"``
+    gdb_arch: str  #: the architecture name in the stub's target description
+    sysroot: str | None = None  #: where the arch's libraries live (``-L``)
