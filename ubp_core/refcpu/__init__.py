@@ -39,12 +39,32 @@ class ScratchTarget(Target):
         """Map a fixed region (``prot`` from "r", "w", "x"); raises TargetError if taken."""
 
     @abstractmethod
+    def _unmap_page(self, page: int) -> None:
+        """Remove one page (fixed or lazily mapped) from the target."""
+
+    # fixed regions and lazily mapped pages, kept by the subclasses' map operations
+    _regions: dict[int, object]
+    _lazy: list[int]
+
     def unmap_region(self, address: int, size: int) -> None:
         """Remove a region mapped by :meth:`map_region`."""
+        for page in range(address & ~(PAGE - 1), address + size, PAGE):
+            if self._regions.pop(page, None) is not None:
+                self._unmap_page(page)
 
-    @abstractmethod
+    def regions(self) -> list[int]:
+        return list(self._regions)
+
     def lazy_pages(self) -> list[int]:
         """Pages that appeared on first touch (mapped read+write, not executable)."""
+        return list(self._lazy)
+
+    def drop_lazy_pages(self) -> None:
+        """Unmap every lazily mapped page."""
+        for page in self._lazy:
+            self._unmap_page(page)
+        self._lazy.clear()
+        self.lazy_at_start = 0
 
     #: lazily mapped pages present when the current case started
     lazy_at_start: int = 0
@@ -52,20 +72,16 @@ class ScratchTarget(Target):
     def begin_case(self) -> None:
         """Start counting the page budget; every run of one case shares it, so each run
         of a runaway instruction stops at the same depth."""
-        self.lazy_at_start = len(self.lazy_pages())
+        self.lazy_at_start = len(self._lazy)
 
     def refill_lazy_pages(self) -> None:
         """Start of a run: every lazily mapped page gets its filler content again."""
         assert self.filler is not None
-        for page in self.lazy_pages():
+        for page in self._lazy:
             self.write_memory(page, self.filler(page))
 
     def lazy_budget_left(self) -> bool:
-        return len(self.lazy_pages()) - self.lazy_at_start < self.lazy_limit
-
-    @abstractmethod
-    def drop_lazy_pages(self) -> None:
-        """Unmap every lazily mapped page."""
+        return len(self._lazy) - self.lazy_at_start < self.lazy_limit
 
     def get_ext_state(self) -> bytes | None:
         """Vector/FPU state as an opaque comparable blob (None: not supported)."""

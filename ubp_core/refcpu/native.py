@@ -201,23 +201,8 @@ class NativeTarget(ScratchTarget):
                 self._mmap(page, PAGE, prot)
             self._regions[page] = prot
 
-    def unmap_region(self, address: int, size: int) -> None:
-        start = address & ~(PAGE - 1)
-        for page in range(start, address + size, PAGE):
-            if self._regions.pop(page, None) is not None:
-                self.inject("munmap", page, PAGE)
-
-    def regions(self) -> list[int]:
-        return list(self._regions)
-
-    def lazy_pages(self) -> list[int]:
-        return list(self._lazy)
-
-    def drop_lazy_pages(self) -> None:
-        for page in self._lazy:
-            self.inject("munmap", page, PAGE)
-        self._lazy.clear()
-        self.lazy_at_start = 0
+    def _unmap_page(self, page: int) -> None:
+        self.inject("munmap", page, PAGE)
 
     def _map_lazy(self, address: int) -> bool:
         page = address & ~(PAGE - 1)

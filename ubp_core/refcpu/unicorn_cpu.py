@@ -143,25 +143,9 @@ class UnicornTarget(ScratchTarget):
                 raise TargetError(f"cannot map {page:#x}: {exc}") from None
             self._regions[page] = p
 
-    def unmap_region(self, address: int, size: int) -> None:
-        start = address & ~(PAGE - 1)
-        for page in range(start, address + size, PAGE):
-            if self._regions.pop(page, None) is not None:
-                self.uc.mem_unmap(page, PAGE)
+    def _unmap_page(self, page: int) -> None:
+        self.uc.mem_unmap(page, PAGE)
 
-    def regions(self) -> list[int]:
-        return list(self._regions)
-
-    def lazy_pages(self) -> list[int]:
-        return list(self._lazy)
-
-    def drop_lazy_pages(self) -> None:
-        for page in self._lazy:
-            self.uc.mem_unmap(page, PAGE)
-        self._lazy.clear()
-        self.lazy_at_start = 0
-
-    # ------------------------------------------------------------------ registers
     def get_regs(self, tid: int) -> Regs:
         read = self.uc.reg_read
         return {name: read(const) & self._mask for name, const in self._regmap.items()}
