@@ -42,7 +42,7 @@ from ..types import Regs
 from . import PAGE, ReferenceCpu, ScratchTarget
 
 SEGV_MAPERR = 1
-DEFAULT_TIMEOUT = 0.5
+DEFAULT_TIMEOUT = 2.0
 # Standard-format XSAVE components worth randomising: (xfeature bit, offset, size)
 XSTATE_PARTS = ((2, 576, 256), (5, 1088, 64), (6, 1152, 512), (7, 1664, 1024))
 XMM_OFFSET, XMM_SIZE, XSTATE_BV = 160, 256, 512

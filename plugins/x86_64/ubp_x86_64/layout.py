@@ -94,12 +94,16 @@ def parse(code: bytes, length: int) -> Layout:
     """Fields of the instruction occupying ``code[:length]`` (length from a decoder)."""
     i = 0
     prefixes = bytearray()
-    while i < length and code[i] in LEGACY_PREFIXES:
-        prefixes.append(code[i])
-        i += 1
     rex, rex_off = 0, None
-    if i < length and 0x40 <= code[i] <= 0x4F:
-        rex, rex_off = code[i], i
+    while i < length:
+        b = code[i]
+        if b in LEGACY_PREFIXES:
+            prefixes.append(b)
+            rex, rex_off = 0, None  # a REX not right before the opcode is ignored
+        elif 0x40 <= b <= 0x4F:
+            rex, rex_off = b, i
+        else:
+            break
         i += 1
     if i >= length:
         raise LayoutError("prefixes only")
