@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from . import policy
 from .elfinfo import ElfImage
-from .errors import ProbeError
+from .errors import MemoryFault, ProbeError
 from .plugins import PluginSet, default_plugins
 from .types import Strategy
 
@@ -80,9 +80,15 @@ def analyze_file(path: str, functions: list[str] | None = None,
                 continue
             end = func.address + len(code)
             addr = func.address
+            def read(address: int, size: int, _base=func.address, _code=code) -> bytes:
+                off = address - _base
+                if off < 0 or off + size > len(_code):
+                    raise MemoryFault(address, size)
+                return _code[off:off + size]
+
             for insn in arch.decode_all(code, func.address):
                 addr = insn.address + insn.length
-                _account(arch, insn, out, want_listing, func.name)
+                _account(arch, insn, out, want_listing, func.name, read)
             if addr < end:
                 out.instructions += 1
                 out.strategies["refused"] += 1
@@ -97,8 +103,8 @@ def analyze_file(path: str, functions: list[str] | None = None,
     return out
 
 
-def _account(arch, insn, out: FileAnalysis, want_listing: bool, fname: str) -> None:
-    analysis = arch.analyze(insn)
+def _account(arch, insn, out: FileAnalysis, want_listing: bool, fname: str, read) -> None:
+    analysis = arch.analyze_in_context(arch.analyze(insn), read)
     out.instructions += 1
     out.kinds[analysis.kind] += 1
     if analysis.refusal is not None:

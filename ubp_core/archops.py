@@ -104,6 +104,15 @@ class ArchOps(ABC):
         with the private ``plan`` the other hooks need.  Must not raise.
         """
 
+    def analyze_in_context(self, analysis: Analysis, read: ReadMemory) -> Analysis:
+        """Revise ``analysis`` knowing the code around it (``read`` reads original bytes).
+
+        Some instructions are safe alone but not where they sit: one between a
+        load-reserve and its store-conditional must never trap.  The default keeps the
+        analysis; ``read`` raises :class:`~ubp_core.errors.MemoryFault` outside the code.
+        """
+        return analysis
+
     # ------------------------------------------------------------------ SSOL / inline
     @abstractmethod
     def prepare_xol(self, analysis: Analysis, slot: int, regs: Regs) -> XolStep:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -11,6 +12,8 @@ from elftools.elf.elffile import ELFFile
 
 from .errors import UbpError
 from .types import ElfIdent
+
+SHF_EXECINSTR = 0x4
 
 
 class ElfFileError(UbpError):
@@ -73,10 +76,33 @@ class ElfImage:
         return self.elf["e_type"] == "ET_DYN"
 
     @cached_property
+    def _code_sections(self) -> set[int]:
+        return {i for i, sec in enumerate(self.elf.iter_sections())
+                if sec["sh_flags"] & SHF_EXECINSTR}
+
+    def _descriptor_entry(self, address: int) -> int | None:
+        """The code address a function descriptor at ``address`` names (its first word)."""
+        size = self.elf.elfclass // 8
+        try:
+            raw = self.read(address, size)
+        except ElfFileError:
+            return None
+        entry = int.from_bytes(raw, "little" if self.elf.little_endian else "big")
+        if any(lo <= entry < hi for lo, hi in self.executable_ranges()):
+            return entry
+        return None
+
+    @cached_property
     def symbols(self) -> list[Symbol]:
-        """Function symbols from .symtab and .dynsym, one per (name, address)."""
+        """Function symbols from .symtab and .dynsym, one per (name, address).
+
+        A function symbol outside executable sections is a function descriptor (the ABI
+        of some 64-bit targets: ``.opd``): its first word is the code address, and the
+        code runs up to the next function (the descriptor's size is not the code's).
+        """
         seen: set[tuple[str, int]] = set()
         out: list[Symbol] = []
+        described: list[int] = []
         for secname in (".symtab", ".dynsym"):
             sec = self.elf.get_section_by_name(secname)
             if sec is None or not hasattr(sec, "iter_symbols"):
@@ -89,15 +115,32 @@ class ElfImage:
                     if sym["st_shndx"] == "SHN_UNDEF" or sym["st_value"] == 0:
                         continue
                     name = sym.name.split("@")[0]
-                    key = (name, sym["st_value"])
+                    address, size = sym["st_value"], sym["st_size"]
+                    shndx = sym["st_shndx"]
+                    if isinstance(shndx, int) and shndx not in self._code_sections:
+                        entry = self._descriptor_entry(address)
+                        if entry is None:
+                            continue
+                        address, size = entry, 0
+                        described.append(len(out))
+                    key = (name, address)
                     if key in seen:
                         continue
                     seen.add(key)
-                    out.append(Symbol(name, sym["st_value"], sym["st_size"],
+                    out.append(Symbol(name, address, size,
                                       "ifunc" if kind == "STT_GNU_IFUNC" else "func",
                                       sym["st_info"]["bind"]))
             except (ELFError, ValueError, KeyError, UnicodeDecodeError) as exc:
                 raise ElfFileError(f"{self.path}: corrupt {secname}: {exc}") from None
+        if described:
+            starts = sorted({s.address for s in out})
+            ends = [hi for _, hi in self.executable_ranges()]
+            for i in described:
+                sym = out[i]
+                nxt = bisect.bisect_right(starts, sym.address)
+                limit = min((e for e in ends if e > sym.address), default=sym.address)
+                end = min(starts[nxt], limit) if nxt < len(starts) else limit
+                out[i] = Symbol(sym.name, sym.address, end - sym.address, sym.kind, sym.binding)
         return out
 
     def functions(self) -> list[Symbol]:

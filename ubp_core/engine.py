@@ -180,7 +180,10 @@ class Engine:
                 if size <= page_left or size <= 1:
                     raise
                 size = page_left
-        for site in self.sites.values():  # hide our own breakpoints
+        return self._hide_breakpoints(address, code)
+
+    def _hide_breakpoints(self, address: int, code: bytearray) -> bytes:
+        for site in self.sites.values():
             lo = max(site.address, address)
             hi = min(site.address + len(site.original), address + len(code))
             for a in range(lo, hi):
@@ -194,7 +197,11 @@ class Engine:
                              f"so it is not an instruction boundary on {self.arch.name}")
         code = self.read_instruction(address)
         insn = self.arch.decode(code, address)
-        return self.arch.analyze(insn)
+        return self.arch.analyze_in_context(self.arch.analyze(insn), self._read_original)
+
+    def _read_original(self, address: int, size: int) -> bytes:
+        """Code as the program has it, our breakpoints hidden (context for analysis)."""
+        return self._hide_breakpoints(address, bytearray(self.target.read_memory(address, size)))
 
     # ------------------------------------------------------------------ probes
     def add_probe(self, address: int, handler: Handler | None = None, *,

@@ -163,6 +163,9 @@ class Abi:
     syscall_numbers: Mapping[str, int]
     #: mmap is the old one-argument-block call on some ABIs; None when it is direct
     mmap_name: str = "mmap"
+    #: (register, bit) the kernel sets when a system call fails, leaving a positive
+    #: errno in ``syscall_ret``; None: failures return -errno
+    syscall_error: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,3 +205,10 @@ class QemuSpec:
     binary: str  #: e.g. ``"qemu-ppc64le"``
     gdb_arch: str  #: the architecture name in the stub's target description
     sysroot: str | None = None  #: where the arch's libraries live (``-L``)
+    #: CPU model (``-cpu``): the newest the plugin's instructions need
+    cpu: str | None = None
+    #: C cross compiler that builds the reference-CPU harness for this arch
+    cc: str | None = None
+    #: stub registers outside ArchOps.registers that the reference CPU randomises and
+    #: compares (floating point, vector): read and written one by one, so each costs
+    ext_registers: tuple[str, ...] = ()
