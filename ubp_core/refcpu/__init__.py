@@ -129,11 +129,14 @@ class ReferenceCpu(ABC):
 @hookimpl
 def ubp_reference_cpus(arch: ArchOps) -> Sequence[ReferenceCpu]:
     from .native import NativeCpu
+    from .qemu import QemuCpu
     from .unicorn_cpu import UnicornCpu
 
     cpus: list[ReferenceCpu] = []
     if NativeCpu.handles(arch):
         cpus.append(NativeCpu(arch))
+    if arch.qemu_spec() is not None:
+        cpus.append(QemuCpu(arch))
     if arch.unicorn_spec() is not None:
         cpus.append(UnicornCpu(arch))
     return cpus

@@ -1,0 +1,367 @@
+"""A Target that drives any GDB stub: qemu-user's, gdbserver's, a JTAG probe's.
+
+Packets used: ``qSupported`` (first: some stubs misbehave without it), ``QStartNoAckMode``,
+``qXfer:features:read`` (register layout), ``?``, ``g``/``G``, ``p``/``P``, ``m``/``M``,
+``vCont`` (or ``s``/``c``/``S``/``C``), ``Hg``, ``qfThreadInfo``, ``qXfer:siginfo:read``
+when offered, and the interrupt byte.  Nothing here names an architecture: register
+names, sizes and order come from the stub's target description and the ArchOps.
+"""
+
+from __future__ import annotations
+
+import signal as _signal
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..archops import ArchOps
+from ..errors import MemoryFault, TargetError
+from ..target import Stop, StopKind, Target
+from ..types import Regs
+from . import signals, tdesc
+from .protocol import Connection, StubError, StubTimeout
+
+FAULT_SIGNALS = frozenset({_signal.SIGSEGV, _signal.SIGBUS, _signal.SIGILL, _signal.SIGFPE})
+
+
+@dataclass(slots=True)
+class StopReply:
+    """A decoded stop reply (``T``/``S``/``W``/``X``)."""
+
+    kind: str  # "signal", "exited", "killed"
+    signo: int  # host numbering
+    tid: int | None
+    status: int | None = None
+    values: dict[str, bytes] | None = None
+
+
+def parse_thread_id(text: str) -> tuple[int | None, int]:
+    """``p<pid>.<tid>`` or ``<tid>`` (hex) -> (pid, tid); -1 means all."""
+    pid = None
+    if text.startswith("p"):
+        p, _, t = text[1:].partition(".")
+        pid = -1 if p == "-1" else int(p, 16)
+        text = t or "-1"
+    return pid, (-1 if text == "-1" else int(text, 16))
+
+
+def parse_stop(reply: bytes) -> StopReply:
+    text = reply.decode("latin-1")
+    code = text[:1]
+    if code in ("T", "S"):
+        signo = signals.to_host(int(text[1:3], 16))
+        tid = None
+        values: dict[str, bytes] = {}
+        if code == "T":
+            for part in text[3:].split(";"):
+                key, sep, val = part.partition(":")
+                if not sep:
+                    continue
+                if key == "thread":
+                    tid = parse_thread_id(val)[1]
+                else:
+                    values[key] = val.encode()
+        return StopReply("signal", signo, tid, values=values)
+    if code == "W":
+        return StopReply("exited", 0, None, status=int(text[1:].split(";")[0], 16))
+    if code == "X":
+        return StopReply("killed", signals.to_host(int(text[1:3], 16)), None)
+    raise StubError(f"unexpected stop reply {text[:40]!r}")
+
+
+class GdbRemoteTarget(Target):
+    """One program (any number of threads) behind a GDB stub."""
+
+    #: seconds a free run may take before :meth:`wait` interrupts it (None: forever)
+    run_timeout: float | None = None
+
+    def __init__(self, conn: Connection, arch: ArchOps) -> None:
+        self.conn = conn
+        self.arch = arch
+        self.order = arch.byteorder
+        self.features = self._handshake()
+        self.packet_size = int(self.features.get("PacketSize", "0x400"), 16)
+        self.desc = self._target_description()
+        self._layout()
+        self.pid: int | None = None
+        self._selected_g: int | None = None
+        self._blobs: dict[int, bytearray] = {}
+        self._running: set[int] = set()
+        self._resume_mode: tuple[bool, int] | None = None
+        self.last_stop: StopReply | None = None
+        #: makes a page writable when the stub refuses a write (set by whoever can
+        #: change page protections, e.g. through syscall injection)
+        self.make_writable: Callable[[int, int], None] | None = None
+        reply = self.conn.request(b"?")
+        first = parse_stop(reply)
+        self.last_stop = first
+        threads = self.threads()
+        self.tid = first.tid if first.tid not in (None, -1, 0) else (threads[0] if threads else 1)
+
+    # ------------------------------------------------------------------ setup
+    def _handshake(self) -> dict[str, str]:
+        reply = self.conn.request(b"qSupported:multiprocess+;swbreak+;hwbreak+;"
+                                  b"vContSupported+;xmlRegisters=i386")
+        feats: dict[str, str] = {}
+        for item in reply.decode("latin-1").split(";"):
+            if "=" in item:
+                k, v = item.split("=", 1)
+                feats[k] = v
+            elif item.endswith("+"):
+                feats[item[:-1]] = "+"
+        if feats.get("QStartNoAckMode") == "+" and self.conn.request(b"QStartNoAckMode") == b"OK":
+            self.conn.ack = False
+        vcont = self.conn.request(b"vCont?").decode("latin-1")
+        self.vcont = set(vcont[6:].split(";")) if vcont.startswith("vCont;") else set()
+        return feats
+
+    def _xfer(self, obj: str, annex: str) -> bytes | None:
+        out = bytearray()
+        chunk = max(256, self.packet_size - 64)
+        while True:
+            reply = self.conn.request(f"qXfer:{obj}:read:{annex}:{len(out):x},{chunk:x}".encode())
+            if not reply or reply.startswith(b"E"):
+                return None if not out else bytes(out)
+            out += reply[1:]
+            if reply[:1] == b"l":
+                return bytes(out)
+
+    def _target_description(self) -> tdesc.TargetDescription:
+        if self.features.get("qXfer:features:read") != "+":
+            raise StubError("the stub gives no target description (qXfer:features:read); "
+                            "its register layout is unknown")
+
+        def fetch(annex: str) -> str | None:
+            data = self._xfer("features", annex)
+            return None if data is None else data.decode("utf-8", "replace")
+
+        desc = tdesc.parse(fetch)
+        if not desc.regs:
+            raise StubError("the stub's target description lists no registers")
+        return desc
+
+    def _layout(self) -> None:
+        info = self.desc.by_name()
+        missing = [r for r in self.arch.registers if r not in info]
+        if missing:
+            raise StubError(f"the stub ({self.desc.architecture}) has no register "
+                            f"{', '.join(missing)} that the {self.arch.name} plugin uses")
+        self.reginfo = info
+        self._offsets: dict[str, tuple[int, int]] = {}
+        off = 0
+        for r in self.desc.regs:
+            self._offsets[r.name] = (off, r.size)
+            off += r.size
+        self._wanted = [(name, *self._offsets[name]) for name in self.arch.registers]
+        self._mask = (1 << self.arch.word_bits) - 1
+
+    # ------------------------------------------------------------------ threads
+    def threads(self) -> list[int]:
+        out: list[int] = []
+        reply = self.conn.request(b"qfThreadInfo")
+        while reply.startswith(b"m"):
+            for item in reply[1:].decode("latin-1").split(","):
+                if item:
+                    pid, tid = parse_thread_id(item)
+                    if pid not in (None, -1):
+                        self.pid = pid
+                    out.append(tid)
+            reply = self.conn.request(b"qsThreadInfo")
+        return out
+
+    def _thread_text(self, tid: int) -> str:
+        if self.pid is not None and "multiprocess" in self.features:
+            return f"p{self.pid:x}.{tid:x}"
+        return f"{tid:x}"
+
+    def _select(self, tid: int) -> None:
+        if self._selected_g != tid:
+            if self.conn.request(f"Hg{self._thread_text(tid)}".encode()) != b"OK":
+                raise TargetError(f"the stub cannot select thread {tid}")
+            self._selected_g = tid
+
+    # ------------------------------------------------------------------ registers
+    def raw_registers(self, tid: int) -> bytes:
+        """The ``g`` packet's register block, as the stub sends it."""
+        self._select(tid)
+        reply = self.conn.request(b"g")
+        if not reply or (reply.startswith(b"E") and len(reply) == 3):
+            raise TargetError(f"the stub cannot read the registers of thread {tid}: {reply!r}")
+        blob = bytearray.fromhex(reply.replace(b"xx", b"00").decode())
+        self._blobs[tid] = blob
+        return bytes(blob)
+
+    def read_register(self, tid: int, name: str) -> int:
+        """One register by name, through ``p`` (for registers outside the ``g`` block)."""
+        self._select(tid)
+        reply = self.conn.request(f"p{self.reginfo[name].regnum:x}".encode())
+        if not reply or reply.startswith(b"E"):
+            raise TargetError(f"the stub cannot read register {name}: {reply!r}")
+        return int.from_bytes(bytes.fromhex(reply.decode()), self.order)
+
+    def write_register(self, tid: int, name: str, value: int) -> None:
+        info = self.reginfo[name]
+        self._select(tid)
+        data = (value & ((1 << info.bits) - 1)).to_bytes(info.size, self.order).hex()
+        if self.conn.request(f"P{info.regnum:x}={data}".encode()) != b"OK":
+            raise TargetError(f"the stub cannot write register {name}")
+        blob = self._blobs.get(tid)
+        off, size = self._offsets[name]
+        if blob is not None and off + size <= len(blob):
+            blob[off:off + size] = bytes.fromhex(data)
+
+    def get_regs(self, tid: int) -> Regs:
+        blob = self.raw_registers(tid)
+        order, mask = self.order, self._mask
+        regs: dict[str, int] = {}
+        for name, off, size in self._wanted:
+            if off + size <= len(blob):
+                regs[name] = int.from_bytes(blob[off:off + size], order) & mask
+            else:
+                regs[name] = self.read_register(tid, name) & mask
+        return regs
+
+    def set_regs(self, tid: int, regs: Regs) -> None:
+        blob = self._blobs.get(tid)
+        if blob is None:
+            self.raw_registers(tid)
+            blob = self._blobs[tid]
+        order = self.order
+        late = []
+        for name, off, size in self._wanted:
+            if name not in regs:
+                continue
+            value = regs[name] & ((1 << (8 * size)) - 1)
+            if off + size <= len(blob):
+                blob[off:off + size] = value.to_bytes(size, order)
+            else:
+                late.append((name, value))
+        self.write_raw_registers(tid, bytes(blob))
+        for name, value in late:
+            self.write_register(tid, name, value)
+
+    def write_raw_registers(self, tid: int, blob: bytes) -> None:
+        self._select(tid)
+        if self.conn.request(b"G" + blob.hex().encode()) != b"OK":
+            raise TargetError(f"the stub cannot write the registers of thread {tid}")
+        self._blobs[tid] = bytearray(blob)
+
+    # ------------------------------------------------------------------ memory
+    def _chunk(self) -> int:
+        return max(64, (self.packet_size - 32) // 2)
+
+    def read_memory(self, address: int, size: int) -> bytes:
+        out = bytearray()
+        step = self._chunk()
+        while len(out) < size:
+            n = min(step, size - len(out))
+            a = address + len(out)
+            reply = self.conn.request(f"m{a:x},{n:x}".encode())
+            if not reply or (reply.startswith(b"E") and len(reply) == 3):
+                raise MemoryFault(address, size)
+            out += bytes.fromhex(reply.decode())
+            if len(reply) // 2 < n:  # a short read: the rest is not mapped
+                raise MemoryFault(address, size)
+        return bytes(out)
+
+    def _write(self, address: int, data: bytes) -> bool:
+        step = self._chunk() - 16
+        for i in range(0, len(data), step):
+            piece = data[i:i + step]
+            reply = self.conn.request(f"M{address + i:x},{len(piece):x}:".encode()
+                                      + piece.hex().encode())
+            if reply != b"OK":
+                return False
+        return True
+
+    def write_memory(self, address: int, data: bytes) -> None:
+        if not data:
+            return
+        if self._write(address, data):
+            return
+        if self.make_writable is not None:
+            # stubs refuse writes to read-only pages (program text under qemu-user)
+            self.make_writable(address, len(data))
+            if self._write(address, data):
+                return
+        raise MemoryFault(address, len(data), write=True)
+
+    # ------------------------------------------------------------------ execution
+    def resume(self, tid: int, *, step: bool = False, signal: int = 0) -> None:
+        gsig = signals.from_host(signal) if signal else 0
+        if self.vcont:
+            action = ("S" if gsig else "s") if step else ("C" if gsig else "c")
+            sig = f"{gsig:02x}" if gsig else ""
+            if step:
+                # step this thread only; the others stay stopped (all-stop mode)
+                packet = f"vCont;{action}{sig}:{self._thread_text(tid)}"
+            else:
+                packet = f"vCont;{action}{sig}:{self._thread_text(tid)};c"
+            self.conn.send(packet.encode())
+        else:
+            if self.conn.request(f"Hc{self._thread_text(tid)}".encode()) != b"OK":
+                raise TargetError(f"the stub cannot select thread {tid}")
+            letter = ("S" if gsig else "s") if step else ("C" if gsig else "c")
+            self.conn.send(f"{letter}{gsig:02x}".encode() if gsig else letter.encode())
+        self._resume_mode = (step, tid)
+        self._blobs.clear()  # every register cache is stale once anything ran
+
+    def wait(self, timeout: float | None = None) -> Stop:
+        if self._resume_mode is None:
+            raise TargetError("wait() without resume()")
+        step, tid = self._resume_mode
+        limit = timeout if timeout is not None else (None if step else self.run_timeout)
+        try:
+            reply = self.conn.receive(limit)
+            timed_out = False
+        except StubTimeout:
+            self.interrupt()
+            reply = self.conn.receive()
+            timed_out = True
+        self._resume_mode = None
+        self._selected_g = None
+        sr = parse_stop(reply)
+        self.last_stop = sr
+        stop_tid = sr.tid if sr.tid not in (None, -1, 0) else tid
+        if timed_out and sr.kind == "signal" and sr.signo in (_signal.SIGINT, _signal.SIGTRAP):
+            return Stop(stop_tid, StopKind.TIMEOUT)
+        if sr.kind == "exited":
+            return Stop(stop_tid, StopKind.EXITED, status=sr.status)
+        if sr.kind == "killed":
+            return Stop(stop_tid, StopKind.EXITED, signo=sr.signo)
+        if sr.signo == _signal.SIGTRAP:
+            return Stop(stop_tid, StopKind.TRAP, sr.signo)
+        fault, addr = self._fault_info(stop_tid, sr.signo)
+        return Stop(stop_tid, StopKind.SIGNAL, sr.signo, fault=fault, fault_addr=addr)
+
+    def interrupt(self) -> None:
+        """Ask the stub to stop the running program (its answer is a stop reply)."""
+        self.conn.interrupt()
+
+    def _fault_info(self, tid: int, signo: int) -> tuple[bool, int | None]:
+        """(synchronous?, faulting address) from ``qXfer:siginfo:read`` when offered."""
+        if self.features.get("qXfer:siginfo:read") != "+":
+            return signo in FAULT_SIGNALS, None
+        self._select(tid)
+        data = self._xfer("siginfo", "")
+        if not data or len(data) < 16:
+            return signo in FAULT_SIGNALS, None
+        code = int.from_bytes(data[8:12], self.order, signed=True)
+        wb = self.arch.word_bits // 8
+        off = 16 if wb == 8 else 12
+        addr = int.from_bytes(data[off:off + wb], self.order)
+        fault = code > 0
+        return fault, addr if fault and signo in (_signal.SIGSEGV, _signal.SIGBUS) else None
+
+    def map_xol(self, near: int, size: int, reach: int = 0) -> int:
+        raise TargetError("this GDB-remote target has no way to map an XOL area yet")
+
+    def kill(self) -> None:
+        try:
+            self.conn.send(b"vKill;%x" % self.pid if self.pid else b"k")
+        except TargetError:
+            pass
+
+    def close(self) -> None:
+        self.conn.close()
+
+
