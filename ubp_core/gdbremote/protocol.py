@@ -88,10 +88,16 @@ class Connection:
         self.sock = sock
         self.timeout = timeout
         self.ack = True
+        self._ack_owed = False
+        self._last: bytes | None = None
         self._buf = bytearray()
         self.log: list[tuple[str, bytes]] | None = None  # set to a list to record traffic
 
     def close(self) -> None:
+        try:
+            self.flush_ack()
+        except TargetError:
+            pass
         try:
             self.sock.close()
         except OSError:
@@ -124,54 +130,66 @@ class Connection:
 
     # ------------------------------------------------------------------ packets
     def send(self, data: bytes) -> None:
-        """Send one packet (and wait for its ``+`` while acknowledgements are on)."""
+        """Send one packet.
+
+        Acknowledgements are not waited for: a ``-`` (resend) is noticed when the reply
+        is read.  Our own ``+`` for the previous reply rides along with this packet,
+        which saves a system call per packet on both sides (a stub that waits for the
+        ``+`` before it reads on gets it in the same read).
+        """
         if self.log is not None:
             self.log.append(("->", data))
         frame = b"$" + data + b"#" + checksum(data)
-        for _ in range(5):
-            self._sendall(frame)
-            if not self.ack:
-                return
-            deadline = time.monotonic() + self.timeout
-            while True:
-                while not self._buf:
-                    self._fill(deadline)
-                c = self._buf[0]
-                if c in (0x2B, 0x2D):  # + -
-                    del self._buf[0]
-                    break
-                if c == 0x24:  # a reply started without an ack: take it as one
-                    return
-                del self._buf[0]
-            if c == 0x2B:
-                return
-        raise StubError("the GDB stub kept rejecting a packet")
+        self._last = frame
+        self._sendall(self._take_ack() + frame)
+
+    def _take_ack(self) -> bytes:
+        if self._ack_owed:
+            self._ack_owed = False
+            return b"+"
+        return b""
+
+    def flush_ack(self) -> None:
+        """Send a pending ``+`` now (before going quiet: some stubs wait for it)."""
+        ack = self._take_ack()
+        if ack:
+            self._sendall(ack)
 
     def receive(self, timeout: float | None = -1.0) -> bytes:
         """The next packet's body; ``timeout`` None waits forever, -1 the default."""
         if timeout is not None and timeout < 0:
             timeout = self.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
+        resends = 0
         while True:
             start = self._buf.find(b"$")
-            if start >= 0:
-                end = self._buf.find(b"#", start)
-                if end >= 0 and len(self._buf) >= end + 3:
-                    body = bytes(self._buf[start + 1:end])
-                    sent = bytes(self._buf[end + 1:end + 3])
-                    del self._buf[:end + 3]
-                    if self.ack:
-                        if sent.lower() != checksum(body):
-                            self._sendall(b"-")
-                            continue
-                        self._sendall(b"+")
-                    body = _unescape(body)
-                    if self.log is not None:
-                        self.log.append(("<-", body))
-                    return body
-            elif self._buf:
-                self._buf.clear()  # stray acks or noise before a packet
-            self._fill(deadline)
+            noise = self._buf[:start] if start >= 0 else self._buf
+            if b"-" in noise and self._last is not None:  # the stub asks for a resend
+                resends += 1
+                if resends > 5:
+                    raise StubError("the GDB stub kept rejecting a packet")
+                self._sendall(self._last)
+            if start < 0:
+                self._buf.clear()
+                self._fill(deadline)
+                continue
+            del self._buf[:start]
+            end = self._buf.find(b"#")
+            if end < 0 or len(self._buf) < end + 3:
+                self._fill(deadline)
+                continue
+            body = bytes(self._buf[1:end])
+            sent = bytes(self._buf[end + 1:end + 3])
+            del self._buf[:end + 3]
+            if self.ack:
+                if sent.lower() != checksum(body):
+                    self._sendall(self._take_ack() + b"-")
+                    continue
+                self._ack_owed = True
+            body = _unescape(body)
+            if self.log is not None:
+                self.log.append(("<-", body))
+            return body
 
     def request(self, data: bytes, timeout: float | None = -1.0) -> bytes:
         """Send a packet and return the reply, skipping console output (``O...``)."""
@@ -184,4 +202,4 @@ class Connection:
 
     def interrupt(self) -> None:
         """The out-of-band stop request (Ctrl-C)."""
-        self._sendall(INTERRUPT)
+        self._sendall(self._take_ack() + INTERRUPT)

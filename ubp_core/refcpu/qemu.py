@@ -128,6 +128,7 @@ class QemuScratchTarget(ScratchTarget, GdbRemoteTarget):
             raise
         self._regions: dict[int, str] = {}
         self._lazy: list[int] = []
+        # (the vector/FPU blob keeps the stub's byte order: it is only compared)
         # contents of the pages the program cannot write: only our writes change them
         self._shadow: dict[int, bytearray] = {}
         self.run_timeout = DEFAULT_TIMEOUT
@@ -240,15 +241,22 @@ class QemuScratchTarget(ScratchTarget, GdbRemoteTarget):
     def get_ext_state(self) -> bytes | None:
         if not self._ext_info:
             return None
+        self._select(self.tid)
         out = bytearray()
         for r in self._ext_info:
-            out += self.read_register(self.tid, r.name).to_bytes(r.size, "little")
+            reply = self.conn.request(f"p{r.regnum:x}".encode())
+            if len(reply) != 2 * r.size:
+                raise TargetError(f"the stub cannot read register {r.name}: {reply[:20]!r}")
+            out += bytes.fromhex(reply.decode())
         return bytes(out)
 
     def set_ext_state(self, state: bytes) -> None:
+        self._select(self.tid)
         off = 0
         for r in self._ext_info:
-            self.write_register(self.tid, r.name, int.from_bytes(state[off:off + r.size], "little"))
+            reply = self.conn.request(f"P{r.regnum:x}={state[off:off + r.size].hex()}".encode())
+            if reply != b"OK":
+                raise TargetError(f"the stub cannot write register {r.name}: {reply!r}")
             off += r.size
 
     def random_ext_state(self, rng: random.Random) -> bytes | None:
