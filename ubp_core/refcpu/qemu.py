@@ -42,7 +42,7 @@ HARNESS_FLAGS = ("-O2", "-static", "-fno-stack-protector", "-fno-pie", "-no-pie"
                  f"-Wl,-Ttext-segment={HARNESS_ADDRESS:#x}")
 MAILBOX_MAGIC = 0x5542504D41494C
 SEGV_MAPERR = 1
-DEFAULT_TIMEOUT = 1.0
+DEFAULT_TIMEOUT = 0.5
 
 
 def cache_dir() -> Path:

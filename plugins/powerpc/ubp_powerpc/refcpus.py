@@ -50,11 +50,28 @@ def unicorn_spec(arch: PowerPC) -> UnicornSpec | None:
         # qemu's PowerPC exception numbers: DSI, ISI, alignment, program, FP unavailable
         interrupts={2: signal.SIGSEGV, 3: signal.SIGSEGV, 5: signal.SIGBUS,
                     6: signal.SIGILL, 7: signal.SIGILL},
+        pc_after_breakpoint=4,  # unicorn leaves the pc past the trap
+        setup=_enable_fpu,
         unfaithful=_unicorn_unfaithful,
     )
 
 
+MSR_FP = 0x2000
+
+
+def _enable_fpu(uc) -> None:
+    from unicorn import ppc_const
+
+    uc.reg_write(ppc_const.UC_PPC_REG_MSR, uc.reg_read(ppc_const.UC_PPC_REG_MSR) | MSR_FP)
+
+
 def _unicorn_unfaithful(analysis) -> str | None:
-    if analysis.refusal is not None or analysis.kind == "load-reserve":
-        return None
+    """unicorn keeps XER[SO] apart from the XER written into it: a compare or a record
+    form ("." instructions) copies a stale SO into the CR field."""
+    w = int.from_bytes(analysis.insn.raw[:4], "big")
+    op = w >> 26
+    compare = op in (10, 11) or (op == 31 and (w >> 1) & 0x3FF in (0, 32))
+    record = op in (28, 29) or (op in (20, 21, 23, 30, 31, 59, 63) and w & 1)
+    if compare or record:
+        return "unicorn does not copy XER[SO] into the condition register"
     return None
