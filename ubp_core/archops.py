@@ -23,6 +23,7 @@ from .types import (
     Effect,
     ElfIdent,
     Insn,
+    Placement,
     QemuSpec,
     ReadMemory,
     Regs,
@@ -190,14 +191,16 @@ class ArchOps(ABC):
         return rng.randbytes(self.max_insn_len)
 
     def prepare_case(self, analysis: Analysis, regs: Regs,
-                     rng: random.Random) -> Sequence[tuple[int, bytes]]:
+                     rng: random.Random) -> Sequence[tuple[int, bytes] | Placement]:
         """Adjust a randomised register file so the case is safe and bounded to run.
 
         The kit randomises every register; some instructions must not run with random
         inputs on a real CPU (a system call with a random number) or would run for
         ages (a string instruction with a random count).  Adjust ``regs`` in place, and
         return (address, bytes) pairs to place in memory before the run (for instance a
-        flags image without the trap flag for an instruction that pops one).
+        flags image without the trap flag for an instruction that pops one), or
+        :class:`~ubp_core.types.Placement` objects for code the case runs elsewhere
+        (the target of an execute-type instruction).
         """
         return ()
 

@@ -45,6 +45,9 @@ class Stop:
     status: int | None = None
     event: str | None = None
     data: Any = None
+    #: for a fault on a reference CPU: True when that CPU lacks the instruction, False
+    #: when the fault is the instruction's own doing, None when it cannot tell
+    unsupported: bool | None = None
 
 
 class Target(ABC):

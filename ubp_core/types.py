@@ -7,7 +7,7 @@ plugin never needs to know what kind of target it is working for.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,6 +196,41 @@ class UnicornSpec:
     #: where unicorn leaves the pc after the breakpoint interrupt, relative to the
     #: breakpoint (the hardware's value is ArchOps.pc_after_trap)
     pc_after_breakpoint: int = 0
+    #: the interrupt a system-call instruction raises when it has no UC_HOOK_INSN id
+    #: (``syscall_hook``): ``on_syscall`` completes it inside the interrupt hook,
+    #: moving the pc past the instruction, and the run goes on
+    syscall_interrupt: int | None = None
+    #: when one interrupt number stands for several events (every program exception
+    #: of s390x is one interrupt), called in the interrupt hook with the ``Uc`` and the
+    #: number: the signal the event raises (SIGTRAP: the breakpoint), or None when
+    #: unicorn cannot execute the instruction (the case goes to another CPU)
+    interrupt_signal: Callable[[Any, int], int | None] | None = None
+    #: for an arch whose unicorn raises a CPU exception on unmapped memory instead of
+    #: calling the unmapped-memory hooks: called with the ``Uc`` and the pc before each
+    #: instruction, the (address, size) ranges it is about to touch, which then appear
+    #: the way unmapped memory appears elsewhere
+    accesses: Callable[[Any, int], Sequence[tuple[int, int]]] | None = None
+    #: True when a code-hook event at ``address`` right after one at ``previous`` is
+    #: not a new instruction but the one an execute-type instruction runs (unicorn
+    #: reports s390x EXECUTE's target at the EXECUTE's own address): a step goes on
+    executes_target: Callable[[Any, int, int], bool] | None = None
+    #: unicorn's MMU for this arch checks an instruction fetch as a write: executable
+    #: pages are mapped writable too
+    exec_needs_write: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Bytes ``ArchOps.prepare_case`` asks to find in memory before a conformance run.
+
+    ``code``: the bytes are instructions the case runs from there (the target of an
+    execute-type instruction), so their page is mapped executable, filled like the
+    case's own page, and restored before every run.
+    """
+
+    address: int
+    data: bytes
+    code: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from ..engine import Engine
 from ..errors import DecodeError, RefusedError, TargetError
 from ..refcpu import PAGE, ReferenceCpu, ScratchTarget
 from ..target import Stop, StopKind
-from ..types import Analysis, Strategy
+from ..types import Analysis, Placement, Strategy
 from ..xol import XolAllocator
 
 DATA_BASE = 0x30000000
@@ -116,6 +116,7 @@ class Bench:
         self._target: ScratchTarget | None = None
         self._pages_cache: dict[int, bytes] = {}
         self._seeds: list[tuple[int, bytes]] = []
+        self._code_seeds: list[Placement] = []
 
     @property
     def target(self) -> ScratchTarget:
@@ -203,18 +204,30 @@ class Bench:
             regs[name] = v & self.mask
         regs[arch.abi.sp] = (DATA_BASE + DATA_SIZE // 2 + rng.randrange(-4096, 4096) * 16) & self.mask
         regs[arch.abi.pc] = a
-        self._seeds = list(arch.prepare_case(analysis, regs, rng) or ())
+        self._seeds, self._code_seeds = [], []
+        for item in arch.prepare_case(analysis, regs, rng) or ():
+            if isinstance(item, Placement):
+                if item.code:
+                    self._code_seeds.append(item)
+                else:
+                    self._seeds.append((item.address, item.data))
+            else:
+                self._seeds.append(item)
         return regs
 
     # ------------------------------------------------------------------ one run
     def _code_image(self, page: int, case: Case | None) -> bytes:
+        """Breakpoints, with the case and the code prepare_case placed, on ``page``."""
         bp = self.arch.breakpoint
         img = bytearray((bp * (PAGE // len(bp) + 1))[:PAGE])
-        if case is None:
-            return bytes(img)
-        lo = max(case.address, page)
-        hi = min(case.address + len(case.raw), page + PAGE)
-        img[lo - page:hi - page] = case.raw[lo - case.address:hi - case.address]
+        pieces = [(p.address, p.data) for p in self._code_seeds]
+        if case is not None:
+            pieces.append((case.address, case.raw))
+        for address, data in pieces:
+            lo = max(address, page)
+            hi = min(address + len(data), page + PAGE)
+            if lo < hi:
+                img[lo - page:hi - page] = data[lo - address:hi - address]
         return bytes(img)
 
     def _run(self, case: Case, analysis: Analysis, code_pages: list[int], regs0: dict[str, int],
@@ -258,7 +271,8 @@ class Bench:
             end = "next" if stop.fault_addr is not None and stop.fault_addr == pc else "fault"
             if end == "next":
                 signo = 0
-            elif signo == signal.SIGILL and not analysis.faults:
+            elif stop.unsupported or (stop.unsupported is None and signo == signal.SIGILL
+                                      and not analysis.faults):
                 raise CannotRun(f"{self.cpu.name} cannot execute it (SIGILL)"
                                 + (f": {stop.data}" if stop.data else ""))
         elif stop.kind is StopKind.TIMEOUT:
@@ -301,24 +315,29 @@ class Bench:
         a = case.address
         seed = case_seed(case, self.salt)
         rng = random.Random(seed)
-        first = a & ~(PAGE - 1)
-        last = (a + len(case.raw) - 1) & ~(PAGE - 1)
-        code_pages = list(range(first, last + PAGE, PAGE))
+        regs0 = self._random_regs(rng, a, analysis)
         areas = self._areas(a)
+        # the case's pages, those of code it runs elsewhere, and the spare page of
+        # breakpoints: all rewritten before every run (a store may have changed them)
+        code_pages: list[int] = []
+        for address, size in ((a, len(case.raw)),
+                              *((p.address, len(p.data)) for p in self._code_seeds),
+                              (areas["code"], 1)):
+            first = address & ~(PAGE - 1)
+            last = (address + max(size, 1) - 1) & ~(PAGE - 1)
+            code_pages += [p for p in range(first, last + PAGE, PAGE) if p not in code_pages]
         t = self.target
         try:
             for page in code_pages:
                 t.map_region(page, PAGE, "rx")
             for base in areas.values():
                 t.map_region(base, PAGE, "rx")
-            t.write_memory(areas["code"], self._code_image(areas["code"], None))
         except TargetError as exc:
             raise CannotRun(str(exc)) from None
         # every case starts with no data pages, so a runaway instruction (a call to
         # itself) ends at the same depth in every run
         t.drop_lazy_pages()
         t.begin_case()
-        regs0 = self._random_regs(rng, a, analysis)
         fill = self._filler(seed, a, self._seeds)
         t.filler = fill
         t.lazy_limit = LAZY_LIMIT

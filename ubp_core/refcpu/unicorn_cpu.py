@@ -61,6 +61,7 @@ class UnicornTarget(ScratchTarget):
         self._icount = 0
         self._stepping = False
         self._ended: str | None = None
+        self._last_pc: int | None = None
         # Counting instructions in a hook, not with emu_start's count: with count=1
         # unicorn drops an exception the instruction raises (the pc just stays put).
         self.uc.hook_add(uc.UC_HOOK_CODE, self._on_code)
@@ -71,18 +72,35 @@ class UnicornTarget(ScratchTarget):
             self.uc.hook_add(uc.UC_HOOK_INSN, self._on_syscall, None, 1, 0, spec.syscall_hook)
 
     # ------------------------------------------------------------------ hooks
-    def _on_code(self, uc, _address: int, _size: int, _data) -> None:
+    def _on_code(self, uc, address: int, _size: int, _data) -> None:
+        spec = self.spec
+        last, self._last_pc = self._last_pc, address
+        if spec.executes_target is not None and last is not None \
+                and spec.executes_target(uc, last, address):
+            return  # the target an execute-type instruction runs: not a new instruction
         self._icount += 1
         if self._stepping:
             if self._icount == 2:  # the step's instruction is done; do not run the next
                 self._ended = "step"
                 uc.emu_stop()
+                return
         elif self._icount > BUDGET:
             self._ended = "budget"
             uc.emu_stop()
+            return
+        if spec.accesses is not None and self.filler is not None:
+            for where, size in spec.accesses(uc, address):
+                self._appear(uc, where, size)
 
     def _on_intr(self, uc, intno: int, _data) -> None:
-        self._event = ("intr", intno)
+        spec = self.spec
+        if intno == spec.syscall_interrupt and spec.on_syscall is not None:
+            spec.on_syscall(uc)  # the kernel's part; the program goes on
+            return
+        if spec.interrupt_signal is not None:
+            self._event = ("signal", spec.interrupt_signal(uc, intno))
+        else:
+            self._event = ("intr", intno)
         uc.emu_stop()
 
     def _on_syscall(self, uc, _data) -> None:
@@ -91,6 +109,11 @@ class UnicornTarget(ScratchTarget):
     def _on_unmapped(self, uc, _access, address: int, size: int, _value, _data) -> bool:
         if self.filler is None:
             return False
+        return self._appear(uc, address, size)
+
+    def _appear(self, uc, address: int, size: int) -> bool:
+        """Map the missing pages of [address, address + size) with the filler's content."""
+        assert self.filler is not None
         first = address & ~(PAGE - 1)
         last = (address + max(size, 1) - 1) & ~(PAGE - 1)
         for page in range(first, last + PAGE, PAGE):
@@ -124,7 +147,8 @@ class UnicornTarget(ScratchTarget):
 
     def map_region(self, address: int, size: int, prot: str) -> None:
         uc = self.uc_mod
-        p = (uc.UC_PROT_READ if "r" in prot else 0) | (uc.UC_PROT_WRITE if "w" in prot else 0) \
+        writable = "w" in prot or ("x" in prot and self.spec.exec_needs_write)
+        p = (uc.UC_PROT_READ if "r" in prot else 0) | (uc.UC_PROT_WRITE if writable else 0) \
             | (uc.UC_PROT_EXEC if "x" in prot else 0)
         start = address & ~(PAGE - 1)
         end = (address + size + PAGE - 1) & ~(PAGE - 1)
@@ -167,13 +191,14 @@ class UnicornTarget(ScratchTarget):
             return None
         out = bytearray()
         for const, size in self.spec.vectors.values():
-            out += (self.uc.reg_read(const) & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+            value = self.uc.reg_read(const) & ((1 << (8 * size)) - 1)
+            out += value.to_bytes(size, self.arch.byteorder)  # as a GDB stub sends it
         return bytes(out)
 
     def set_ext_state(self, state: bytes) -> None:
         off = 0
         for const, size in self.spec.vectors.values():
-            self.uc.reg_write(const, int.from_bytes(state[off:off + size], "little"))
+            self.uc.reg_write(const, int.from_bytes(state[off:off + size], self.arch.byteorder))
             off += size
 
     def random_ext_state(self, rng: random.Random) -> bytes | None:
@@ -195,6 +220,7 @@ class UnicornTarget(ScratchTarget):
         self._event = None
         self._ended = None
         self._icount = 0
+        self._last_pc = None
         self._stepping = step
         self._lazy_overflow = False
         uc = self.uc_mod
@@ -213,7 +239,9 @@ class UnicornTarget(ScratchTarget):
                 return Stop(self.tid, StopKind.TRAP, signal.SIGTRAP)
             return self._error_stop(exc)
         if self._event is not None:
-            _, intno = self._event
+            how, intno = self._event
+            if how == "signal":
+                return self._signal_stop(intno, pc if step else None)
             if intno == self.spec.breakpoint_interrupt:
                 pc = self.uc.reg_read(self._pc_const)
                 fix = self.arch.pc_after_trap - self.spec.pc_after_breakpoint
@@ -231,6 +259,30 @@ class UnicornTarget(ScratchTarget):
         return Stop(self.tid, StopKind.SIGNAL, signal.SIGSEGV, fault=True,
                     fault_addr=self.uc.reg_read(self._pc_const) & self._mask)
 
+    def _signal_stop(self, signo: int | None, stepped_from: int | None) -> Stop:
+        """A stop for an interrupt the spec classified (signal None: unicorn lacks it).
+
+        ``stepped_from``: the pc a single-step started at.  Unicorn reports a program
+        exception at the instruction that raised it, so one at another pc belongs to
+        the next instruction (its fetch failed): the stepped one completed.
+        """
+        pc = self.uc.reg_read(self._pc_const) & self._mask
+        if signo == signal.SIGTRAP:
+            fix = self.arch.pc_after_trap - self.spec.pc_after_breakpoint
+            if fix:
+                self.uc.reg_write(self._pc_const, (pc + fix) & self._mask)
+            return Stop(self.tid, StopKind.TRAP, signal.SIGTRAP)
+        self._reset_cpu()
+        if stepped_from is not None and pc != stepped_from:
+            return Stop(self.tid, StopKind.TRAP, signal.SIGTRAP)
+        if signo is None:
+            return Stop(self.tid, StopKind.SIGNAL, signal.SIGILL, fault=True,
+                        data="unicorn lacks this instruction", unsupported=True)
+        prot = self._regions.get(pc & ~(PAGE - 1), 0)
+        fetched = bool(prot & self.uc_mod.UC_PROT_EXEC)
+        return Stop(self.tid, StopKind.SIGNAL, signo, fault=True, unsupported=False,
+                    fault_addr=None if fetched else pc)
+
     def _reset_cpu(self) -> None:
         regs = self.get_regs(self.tid)
         ext = self.get_ext_state()
@@ -244,7 +296,12 @@ class UnicornTarget(ScratchTarget):
         err = exc.errno
         pc = self.uc.reg_read(self._pc_const) & self._mask
         if err in (uc.UC_ERR_FETCH_UNMAPPED, uc.UC_ERR_FETCH_PROT):
-            return Stop(self.tid, StopKind.SIGNAL, signal.SIGSEGV, fault=True, fault_addr=pc)
+            # a fetch at the pc (the next instruction is not there), unless the pc is in
+            # executable memory: then the instruction there fetched something else (an
+            # EXECUTE's target) and faulted itself
+            fetched = self._regions.get(pc & ~(PAGE - 1), 0) & uc.UC_PROT_EXEC
+            return Stop(self.tid, StopKind.SIGNAL, signal.SIGSEGV, fault=True,
+                        fault_addr=None if fetched else pc)
         if err in (uc.UC_ERR_READ_UNMAPPED, uc.UC_ERR_WRITE_UNMAPPED, uc.UC_ERR_READ_PROT,
                    uc.UC_ERR_WRITE_PROT, uc.UC_ERR_READ_UNALIGNED, uc.UC_ERR_WRITE_UNALIGNED):
             return Stop(self.tid, StopKind.SIGNAL, signal.SIGSEGV, fault=True)
