@@ -166,6 +166,9 @@ class Abi:
     #: (register, bit) the kernel sets when a system call fails, leaving a positive
     #: errno in ``syscall_ret``; None: failures return -errno
     syscall_error: tuple[str, int] | None = None
+    #: mmap takes one argument: the address of a block holding its six (s390's
+    #: old_mmap, the only mmap of s390x Linux)
+    mmap_block: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,3 +250,5 @@ class QemuSpec:
     #: stub registers outside ArchOps.registers that the reference CPU randomises and
     #: compares (floating point, vector): read and written one by one, so each costs
     ext_registers: tuple[str, ...] = ()
+    #: says why this qemu cannot run an instruction faithfully (None: it can)
+    unfaithful: Callable[[Any], str | None] | None = None

@@ -28,12 +28,15 @@ def prot_bits(prot: str) -> int:
 class SyscallInjector:
     """Makes system calls on behalf of thread ``tid`` through the instruction at ``insn``."""
 
-    def __init__(self, target: Target, arch: ArchOps, tid: int, insn: int) -> None:
+    def __init__(self, target: Target, arch: ArchOps, tid: int, insn: int,
+                 scratch: int | None = None) -> None:
         self.target = target
         self.arch = arch
         self.abi = arch.abi
         self.tid = tid
         self.insn = insn
+        #: writable memory of the program for arguments passed in memory (64 bytes)
+        self.scratch = scratch
         self.mask = (1 << arch.word_bits) - 1
         self.pc_after: int | None = None
 
@@ -90,8 +93,16 @@ class SyscallInjector:
     # ------------------------------------------------------------------ conveniences
     def mmap(self, address: int, size: int, prot: str) -> int:
         """Anonymous private memory, at ``address`` if the kernel agrees (a hint)."""
-        return self(self.abi.mmap_name, address, size, prot_bits(prot),
-                    MAP_PRIVATE | MAP_ANONYMOUS, self.mask, 0)
+        args = (address, size, prot_bits(prot), MAP_PRIVATE | MAP_ANONYMOUS, self.mask, 0)
+        if not self.abi.mmap_block:
+            return self(self.abi.mmap_name, *args)
+        if self.scratch is None:
+            raise TargetError(f"{self.arch.name}'s mmap takes its arguments in memory, and "
+                              "this injector has no scratch memory for them")
+        size_of = self.arch.word_bits // 8
+        block = b"".join((v & self.mask).to_bytes(size_of, self.arch.byteorder) for v in args)
+        self.target.write_memory(self.scratch, block)
+        return self(self.abi.mmap_name, self.scratch)
 
     def mmap_exactly(self, address: int, size: int, prot: str) -> bool:
         """Map at ``address`` or nothing at all (never over an existing mapping)."""

@@ -328,10 +328,25 @@ class GdbRemoteTarget(Target):
             return Stop(stop_tid, StopKind.EXITED, status=sr.status)
         if sr.kind == "killed":
             return Stop(stop_tid, StopKind.EXITED, signo=sr.signo)
-        if sr.signo == _signal.SIGTRAP:
-            return Stop(stop_tid, StopKind.TRAP, sr.signo)
+        if sr.signo == _signal.SIGTRAP or (sr.signo == _signal.SIGILL
+                                            and self._at_breakpoint(stop_tid)):
+            return Stop(stop_tid, StopKind.TRAP, _signal.SIGTRAP)
         fault, addr = self._fault_info(stop_tid, sr.signo)
         return Stop(stop_tid, StopKind.SIGNAL, sr.signo, fault=fault, fault_addr=addr)
+
+    def _at_breakpoint(self, tid: int) -> bool:
+        """True when the instruction just before the pc is the arch's breakpoint.
+
+        Some breakpoints are invalid opcodes (s390x's 0x0001): where no kernel
+        debugger turns them into SIGTRAP (qemu-user), they stop with SIGILL.
+        """
+        arch = self.arch
+        try:
+            pc = self.get_regs(tid)[arch.abi.pc]
+            at = (pc - arch.pc_after_trap) & self._mask
+            return self.read_memory(at, len(arch.breakpoint)) == arch.breakpoint
+        except TargetError:
+            return False
 
     def interrupt(self) -> None:
         """Ask the stub to stop the running program (its answer is a stop reply)."""

@@ -32,7 +32,7 @@ from ..gdbremote.inject import SyscallInjector
 from ..gdbremote.protocol import Connection, StubError, connect
 from ..gdbremote.target import GdbRemoteTarget
 from ..target import Stop, StopKind
-from ..types import QemuSpec
+from ..types import Analysis, QemuSpec
 from . import PAGE, ReferenceCpu, ScratchTarget
 
 HARNESS_SOURCE = Path(__file__).with_name("harness") / "harness.c"
@@ -101,6 +101,15 @@ class QemuCpu(ReferenceCpu):
                 return str(exc)
         return None
 
+    def cannot_run(self, analysis: Analysis) -> str | None:
+        spec = self.arch.qemu_spec()
+        if spec is not None and spec.unfaithful is not None:
+            why = spec.unfaithful(analysis)
+            if why:
+                return why
+        # qemu-user makes the system calls a case makes, as real silicon does
+        return self.arch.hardware_hazard(analysis)
+
     def open(self) -> QemuScratchTarget:
         spec = self.arch.qemu_spec()
         assert spec is not None
@@ -138,6 +147,7 @@ class QemuScratchTarget(ScratchTarget, GdbRemoteTarget):
         with ElfImage(str(harness)) as img:
             syms = {s.name: s for s in img.symbols}
             mailbox = _symbol_address(img, "ubp_mailbox")
+            scratch = _symbol_address(img, "ubp_scratch")
             func = syms.get("syscall")
             code = img.read(func.address, func.size) if func is not None else b""
             insn_addr = None
@@ -153,7 +163,7 @@ class QemuScratchTarget(ScratchTarget, GdbRemoteTarget):
         stop = GdbRemoteTarget.wait(self, 10.0)
         if stop.kind is not StopKind.TRAP or self._read_mailbox()[0] != MAILBOX_MAGIC:
             raise TargetError(f"the harness under {self.spec.binary} did not start ({stop})")
-        self.inject = SyscallInjector(self, self.arch, self.tid, insn_addr)
+        self.inject = SyscallInjector(self, self.arch, self.tid, insn_addr, scratch)
         # the harness's own registers (thread pointer, TOC ...): its handler runs on them
         self._home = self.raw_registers(self.tid)
 

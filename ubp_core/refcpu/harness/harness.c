@@ -27,6 +27,8 @@ struct ubp_mailbox {
 };
 
 struct ubp_mailbox ubp_mailbox __attribute__((used));
+/* arguments a system call takes in memory (s390's old_mmap) */
+uint64_t ubp_scratch[8] __attribute__((used));
 static unsigned char ubp_altstack[1 << 16] __attribute__((aligned(64)));
 
 static void ubp_report(void)
