@@ -287,8 +287,12 @@ class QemuScratchTarget(ScratchTarget, GdbRemoteTarget):
             if stop.kind is not StopKind.SIGNAL or stop.signo not in (signal.SIGSEGV, signal.SIGBUS):
                 return stop
             signo, code, addr = self._siginfo(stop)
-            if signo == signal.SIGSEGV and code == SEGV_MAPERR:
-                pc = self.get_regs(self.tid)[self.arch.abi.pc]
+            pc = self.get_regs(self.tid)[self.arch.abi.pc]
+            if code > 0 and "x" not in self._regions.get(pc & ~(PAGE - 1), ""):
+                # fetching the instruction at the pc failed (some kernels, s390's, give
+                # only the page of a faulting address)
+                addr = pc
+            elif signo == signal.SIGSEGV and code == SEGV_MAPERR:
                 if addr != pc and self._map_lazy(addr):
                     self.resume(self.tid, step=step)
                     continue
