@@ -35,6 +35,7 @@ SYSCALLS = {"exit": 1, "getpid": 20, "mmap": 90, "munmap": 91, "mprotect": 125,
             "gettid": 236, "tgkill": 241, "exit_group": 248}
 
 
+MMAP_MIN = 0x10000
 EXECUTE_TARGET = ("an EXECUTE nearby runs this instruction: a breakpoint here is what "
                   "the EXECUTE would run")
 
@@ -134,6 +135,12 @@ class S390x(ArchOps):
 
     def hardware_hazard(self, analysis: Analysis) -> str | None:
         return cases.hazard(analysis)
+
+    def canonical_address(self, address: int) -> bool:
+        # what every reference CPU can give a program: Linux keeps the first 64 KiB
+        # unmapped (mmap_min_addr), and qemu-user maps the guest into the 47-bit user
+        # space of its x86-64 host (s390x Linux itself goes up to 2**53)
+        return MMAP_MIN <= address < 1 << 47
 
     # ------------------------------------------------------------------ conformance
     def conformance_cases(self) -> Sequence[tuple[bytes, str]]:

@@ -251,10 +251,9 @@ def unicorn_spec(arch: S390x) -> UnicornSpec | None:
     regs.update({f"acr{i}": getattr(k, f"UC_S390X_REG_A{i}") for i in range(16)})
     regs.update(pswm=k.UC_S390X_REG_PSWM, pswa=k.UC_S390X_REG_PC)
     # the layout of qemu's stub (QEMU_EXT), so both CPUs start a case from the same
-    # state: fpc, f0-f15 (the left halves of v0-v15), v0l-v15l, then v16-v31 whole
+    # state: fpc, f0-f15 (the left halves of v0-v15), then v16-v31 whole
     vectors: dict[str, tuple[int, int]] = {"fpc": (k.UC_S390X_REG_FPC, 4)}
     vectors.update({f"f{i}": (getattr(k, f"UC_S390X_REG_F{i}"), 8) for i in range(16)})
-    vectors.update({f"v{i}l": (getattr(k, f"UC_S390X_REG_F{i}_HI"), 8) for i in range(16)})
     for i in range(16, 32):
         vectors[f"v{i}"] = (getattr(k, f"UC_S390X_REG_F{i}"), 8)
         vectors[f"v{i}:low"] = (getattr(k, f"UC_S390X_REG_F{i}_HI"), 8)
@@ -282,9 +281,9 @@ def _unicorn_unfaithful(analysis: Analysis) -> str | None:
     return None
 
 
-# qemu-user's stub names; v0-v15 extend f0-f15 (their low halves) and v16-v31 are whole
-QEMU_EXT = ("fpc", *(f"f{i}" for i in range(16)), *(f"v{i}l" for i in range(16)),
-            *(f"v{i}" for i in range(16, 32)))
+# qemu-user's stub names.  v0l-v15l (the right halves of v0-v15) are left out: qemu
+# 7.2's stub does not write them back as sent
+QEMU_EXT = ("fpc", *(f"f{i}" for i in range(16)), *(f"v{i}" for i in range(16, 32)))
 
 
 def qemu_spec(arch: S390x) -> QemuSpec:
