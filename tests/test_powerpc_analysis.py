@@ -232,7 +232,7 @@ def test_analyze_reports_the_mix_of_the_ppc64le_libc():
     assert d["no_extra_trap_percent"] > 90
     assert any("store-conditional" in r for r in d["refusals"])
     assert any("inside a load-reserve" in r for r in d["refusals"])
-    assert fa.seconds < 30
+    assert fa.seconds < 120  # about 5 s on an idle core; the CPU is shared
 
 
 def test_big_endian_elfv1_descriptors_resolve_to_code():
