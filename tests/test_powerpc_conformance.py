@@ -74,3 +74,16 @@ def test_libc_5000_on_qemu(plugins, arch):
     d = run_cases(arch, corpus.plugin_cases(arch) + cases, cpus=["qemu"], jobs=2).as_dict(50)
     _check(d, unverified_share=0.01, min_per_strategy=1000)
     assert all(row["cases"] for s, row in d["by_strategy"].items() if s in Strategy._value2member_map_)
+
+
+def test_breakpoint_traps_where_the_plugin_says(plugins, arch):
+    from ubp_core.conformance.kit import select_cpus
+    from ubp_core.conformance.runner import Bench
+
+    qemu_cpu(plugins, arch)
+    for cpu in select_cpus(plugins, arch, None):
+        bench = Bench(arch, cpu)
+        try:
+            assert bench.check_breakpoint() is None, cpu.name
+        finally:
+            bench.close()
