@@ -16,6 +16,7 @@ Two things a GDB stub does not give, the harness supplies:
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import random
@@ -42,6 +43,7 @@ HARNESS_FLAGS = ("-O2", "-static", "-fno-stack-protector", "-fno-pie", "-no-pie"
                  f"-Wl,-Ttext-segment={HARNESS_ADDRESS:#x}")
 MAILBOX_MAGIC = 0x5542504D41494C
 SEGV_MAPERR = 1
+PR_SET_PDEATHSIG = 1
 DEFAULT_TIMEOUT = 0.5
 
 
@@ -76,6 +78,15 @@ def harness_path(spec: QemuSpec) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the tracer dies.  A harness left behind
+    by a killed test run may be spinning in a test's loop, with nobody to stop it."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
 
 
 def _symbol_address(img: ElfImage, name: str) -> int | None:
@@ -128,7 +139,8 @@ class QemuScratchTarget(ScratchTarget, GdbRemoteTarget):
             argv += ["-cpu", spec.cpu]
         argv += ["-g", sock, str(harness)]
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     preexec_fn=_die_with_parent)
         try:
             GdbRemoteTarget.__init__(self, Connection(connect(sock)), arch)
             self._boot(harness)
