@@ -137,12 +137,25 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--details", type=int, default=20, help="failures listed in the report")
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=_cmd_conformance)
+
+    from . import trace_cli
+
+    trace_cli.add_parser(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] = []
+    if argv and argv[0] == "trace" and "--" in argv:
+        i = argv.index("--")
+        argv, command = argv[:i], argv[i + 1:]
     args = parser.parse_args(argv)
+    args.command_argv = command
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="ubp: %(message)s")
     try:
         return args.func(args)
     except UnknownArchError as exc:

@@ -110,7 +110,12 @@ class ElfImage:
             try:
                 for sym in sec.iter_symbols():
                     kind = sym["st_info"]["type"]
-                    if kind not in ("STT_FUNC", "STT_GNU_IFUNC") or not sym.name:
+                    if kind not in ("STT_FUNC", "STT_GNU_IFUNC", "STT_NOTYPE") or not sym.name:
+                        continue
+                    if kind == "STT_NOTYPE" and not (  # a label in code (hand-written asm)
+                            isinstance(sym["st_shndx"], int)
+                            and sym["st_shndx"] in self._code_sections
+                            and sym["st_info"]["bind"] != "STB_LOCAL"):
                         continue
                     if sym["st_shndx"] == "SHN_UNDEF" or sym["st_value"] == 0:
                         continue
@@ -128,7 +133,8 @@ class ElfImage:
                         continue
                     seen.add(key)
                     out.append(Symbol(name, address, size,
-                                      "ifunc" if kind == "STT_GNU_IFUNC" else "func",
+                                      {"STT_GNU_IFUNC": "ifunc", "STT_NOTYPE": "label"}.get(
+                                          kind, "func"),
                                       sym["st_info"]["bind"]))
             except (ELFError, ValueError, KeyError, UnicodeDecodeError) as exc:
                 raise ElfFileError(f"{self.path}: corrupt {secname}: {exc}") from None
@@ -162,6 +168,26 @@ class ElfImage:
                 self._f.seek(offset + vaddr - start)
                 return self._f.read(size)
         raise ElfFileError(f"{self.path}: no file data at {vaddr:#x}")
+
+    def data_symbol(self, name: str) -> int | None:
+        """Link-time address of a data (or any) symbol, e.g. the dynamic linker's
+        ``_r_debug``; None when absent."""
+        for secname in (".dynsym", ".symtab"):
+            sec = self.elf.get_section_by_name(secname)
+            if sec is None or not hasattr(sec, "get_symbol_by_name"):
+                continue
+            try:
+                found = sec.get_symbol_by_name(name)
+            except (ELFError, ValueError, KeyError):
+                continue
+            for sym in found or ():
+                if sym["st_shndx"] != "SHN_UNDEF" and sym["st_value"]:
+                    return sym["st_value"]
+        return None
+
+    def in_memory_image(self, vaddr: int) -> bool:
+        """True when a loaded segment covers ``vaddr`` (file data or zero-filled)."""
+        return any(start <= vaddr < start + memsz for start, memsz, *_ in self._segments)
 
     def executable_ranges(self) -> list[tuple[int, int]]:
         return [(s, s + fs) for s, _m, fs, _o, fl in self._segments if fl & 1]

@@ -148,7 +148,8 @@ class Engine:
     """Probes on one target."""
 
     def __init__(self, target: Target, arch: ArchOps | None = None, *,
-                 xol: XolAllocator | None = None, handler_errors: str = "log") -> None:
+                 xol: XolAllocator | None = None, handler_errors: str = "log",
+                 inline_freeze: bool = True) -> None:
         self.target = target
         self.arch = arch or target.arch
         self.xol = xol or XolAllocator(target, self.arch.xol_slot_size, self.arch.branch_reach)
@@ -158,8 +159,14 @@ class Engine:
         self.boost_slots: dict[int, Site] = {}
         self.removed: dict[int, int] = {}  # address -> instruction length, for late traps
         self.handler_errors = handler_errors  # "log" or "raise"
+        #: stop the other threads while an inline step has the breakpoint out (without
+        #: it they can run past the probe unseen: kept only to show that difference)
+        self.inline_freeze = inline_freeze
         self.errors: list[tuple[Probe, BaseException]] = []
         self.total_hits = 0
+        #: the thread whose inline step is in flight: until it is over, only its stops
+        #: may be handled (the breakpoint is out and the others are held)
+        self.inline_tid: int | None = None
         self._ids = itertools.count(1)
         self._slot_code: dict[int, bytes] = {}
         self._pc = self.arch.abi.pc
@@ -350,6 +357,11 @@ class Engine:
             self.forget_thread(stop.tid)
         return False
 
+    def stepping(self, tid: int) -> bool:
+        """True while ``tid`` is in the middle of an out-of-line or inline step: any
+        resume of it must be a single-step until the step's trap comes."""
+        return self._stepping(tid)
+
     def _stepping(self, tid: int) -> bool:
         ts = self.threads.get(tid)
         return ts is not None and (ts.step is not None or ts.boost_step)
@@ -411,7 +423,9 @@ class Engine:
         if strategy is Strategy.INLINE:
             slot = site.address
             ts.inline = True
-            target.stop_others(tid)
+            if self.inline_freeze:
+                self.inline_tid = tid
+                target.stop_others(tid)
         else:
             an = site.analysis
             slot = self.xol.slot(site.address if an.ssol_near is None else an.ssol_near,
@@ -479,7 +493,9 @@ class Engine:
             ts.inline = False
             if site is not None and site.address in self.sites and site.probes:
                 self.target.write_memory(site.address, self._bp)
-            self.target.resume_others(tid)
+            if self.inline_freeze:
+                self.inline_tid = None
+                self.target.resume_others(tid)
         elif step is not None:
             self.xol.release(step.slot)
         if resume:
@@ -499,6 +515,12 @@ class Engine:
         else:
             requeue(tid, signo)
 
+    def _end_leaving_signals(self, tid: int, ts: ThreadState) -> None:
+        self._end_step(tid, ts, resume=False)
+        for later in ts.deferred:
+            self.target_requeue(tid, later)
+        ts.deferred.clear()
+
     def _on_signal(self, stop: Stop) -> bool:
         tid = stop.tid
         ts = self.threads.get(tid)
@@ -506,16 +528,22 @@ class Engine:
         if ts is not None and ts.step is not None:
             step = ts.step
             regs = target.get_regs(tid)
-            if stop.fault and regs[self._pc] == step.slot:
+            pc = regs[self._pc]
+            if stop.fault and pc == step.slot:
                 # the instruction itself faulted: make it fault at its own address
                 effect = self.arch.abort_xol(step, regs, target.read_memory)
                 self._apply(tid, regs, effect)
-                self._end_step(tid, ts, resume=False)
-                for later in ts.deferred:
-                    self.target_requeue(tid, later)
-                ts.deferred.clear()
+                self._end_leaving_signals(tid, ts)
                 return False  # the caller delivers the signal, pc now at the original
-            # asynchronous: hold it until the instruction is done, then deliver it
+            if pc != step.slot:
+                # the instruction has run: a system call that this signal interrupted
+                # comes back here.  Fix it up now and let the signal in, as it would have
+                # come in place (the kernel restarts the call at the original address).
+                effect = self.arch.post_xol(step, regs, target.read_memory)
+                if not effect.step_again and self._apply(tid, regs, effect):
+                    self._end_leaving_signals(tid, ts)
+                    return False
+            # not started yet: hold the signal until the instruction is done
             ts.deferred.append(stop.signo)
             target.resume(tid, step=True)
             return True
@@ -550,6 +578,53 @@ class Engine:
             regs[self._pc] = site.end
             target.set_regs(tid, regs)
         return False
+
+    # ------------------------------------------------------------------ processes
+    def clone_for(self, target: Target) -> Engine:
+        """The same probes in a forked copy of the address space (breakpoints, XOL
+        areas and boost slots are already there: fork copied them)."""
+        in_flight = {ts.step.slot for ts in self.threads.values() if ts.step is not None}
+        twin = Engine(target, self.arch, xol=self.xol.clone_for(target, in_flight),
+                      handler_errors=self.handler_errors, inline_freeze=self.inline_freeze)
+        for addr, site in self.sites.items():
+            copy = Site(site.address, site.original, site.analysis, site.strategy,
+                        boost_slot=site.boost_slot, inserted=site.inserted)
+            for p in site.probes:
+                q = Probe(next(twin._ids), p.address, p.handler, p.requested, p.label,
+                          p.enabled, site=copy)
+                copy.probes.append(q)
+                twin.probes[q.id] = q
+            copy.refresh()
+            twin.sites[addr] = copy
+        twin.boost_slots = {slot: twin.sites.get(site.address, site)
+                            for slot, site in self.boost_slots.items()}
+        twin.removed = dict(self.removed)
+        twin._slot_code = dict(self._slot_code)
+        return twin
+
+    def leave_xol(self) -> None:
+        """Before letting go of a target: no stopped thread may stay inside a boost slot
+        (its copy and jump back stay mapped, but say so plainly: move it out)."""
+        for tid in self.target.threads():
+            try:
+                regs = self.target.get_regs(tid)
+            except TargetError:
+                continue
+            pc = regs[self._pc]
+            area = self.xol.area_of(pc)
+            if area is None:
+                continue
+            slot = area.base + (pc - area.base) // area.slot_size * area.slot_size
+            site = self.boost_slots.get(slot)
+            if site is None:
+                continue
+            if pc == slot:
+                regs[self._pc] = site.address
+            elif pc == slot + site.analysis.insn.length:
+                regs[self._pc] = site.end
+            else:
+                continue
+            self.target.set_regs(tid, regs)
 
     # ------------------------------------------------------------------ driving
     def run_until_foreign(self, tid: int, *, max_hits: int | None = None,

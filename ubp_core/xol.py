@@ -92,3 +92,13 @@ class XolAllocator:
             if area.contains(address):
                 return area
         return None
+
+    def clone_for(self, target: Target, in_use: set[int]) -> XolAllocator:
+        """The allocator of a forked copy: same areas; slots stepped in at the fork
+        stay taken (the child may be about to run the jump back in one)."""
+        twin = XolAllocator(target, self.slot_size, self.reach, self.area_size)
+        for area in self.areas:
+            copy = XolArea(area.base, area.size, area.slot_size,
+                           [s for s in area.free if s not in in_use], area.next_unused)
+            twin.areas.append(copy)
+        return twin

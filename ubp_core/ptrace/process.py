@@ -80,6 +80,11 @@ def spawn_traced(argv: list[str], env: dict[str, str] | None = None,
     pid = os.fork()
     if pid == 0:  # child: stop until the parent has seized us, then exec
         try:
+            # the program gets the signal dispositions a shell would give it, not the
+            # ones Python set for itself (SIGPIPE and SIGXFSZ ignored survive exec)
+            for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, set())
             os.kill(os.getpid(), signal.SIGSTOP)
             if env is None:
                 os.execvp(argv[0], argv)

@@ -32,6 +32,9 @@ PTRACE_GETSIGINFO = 0x4202
 PTRACE_GETREGSET = 0x4204
 PTRACE_SETREGSET = 0x4205
 PTRACE_SEIZE = 0x4206
+PTRACE_GET_SYSCALL_INFO = 0x420E
+PTRACE_SYSCALL_INFO_ENTRY = 1
+PTRACE_SYSCALL_INFO_EXIT = 2
 PTRACE_INTERRUPT = 0x4207
 PTRACE_LISTEN = 0x4208
 
@@ -144,3 +147,18 @@ def getregset(tid: int, note: int, buf: ctypes.Array) -> int:
 def setregset(tid: int, note: int, buf: ctypes.Array, size: int) -> None:
     iov = IoVec(ctypes.addressof(buf), size)
     ptrace(PTRACE_SETREGSET, tid, note, ctypes.addressof(iov))
+
+
+class SyscallInfo(ctypes.Structure):
+    _fields_ = [("op", ctypes.c_uint8), ("_pad", ctypes.c_uint8 * 3), ("arch", ctypes.c_uint32),
+                ("instruction_pointer", ctypes.c_uint64), ("stack_pointer", ctypes.c_uint64),
+                ("nr_or_rval", ctypes.c_uint64), ("_rest", ctypes.c_uint64 * 7)]
+
+
+def syscall_op(tid: int) -> int | None:
+    """PTRACE_SYSCALL_INFO_ENTRY/EXIT for a thread at a syscall stop (None: unknown)."""
+    info = SyscallInfo()
+    res = try_ptrace(PTRACE_GET_SYSCALL_INFO, tid, ctypes.sizeof(info), ctypes.addressof(info))
+    if res <= 0:
+        return None
+    return info.op

@@ -48,10 +48,10 @@ def prepare(analysis: Analysis, slot: int, regs: Regs) -> XolStep:
             code = plan.ssol_code
             state["scratch"] = regs[plan.scratch]
             write[plan.scratch] = (a + n) & MASK64
-        if plan.op == "syscall":
-            # a child created by clone/fork/vfork starts right after the syscall, in the
-            # slot, without a step trap: give it the way back
-            code = code + (_jmp_back(slot + n, a + n) or b"")
+        # The step traps before the jump back runs.  A thread that leaves the slot
+        # without a step trap still finds its way: a child created by clone/fork/vfork
+        # starts right after a syscall, in the slot.
+        code = code + (_jmp_back(slot + n, a + n) or b"")
     if plan.tf_fix or plan.op == "syscall":
         state["eflags"] = regs["eflags"]
     if plan.op == "popf":

@@ -1,0 +1,32 @@
+"""Build the live test programs (C, compiled here with the machine's gcc)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+SRC = os.path.join(os.path.dirname(__file__), "progs", "live")
+PROGRAMS = {
+    "threads": ["-lpthread"], "forks": [], "signals": ["-lpthread"], "faults": [],
+    "dlo": ["-ldl"], "spin": ["-lpthread"],
+}
+
+
+def build_all(out_dir: str) -> dict[str, str]:
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    paths = {}
+    for name, libs in PROGRAMS.items():
+        path = os.path.join(out_dir, name)
+        subprocess.run([cc, "-O1", "-g", "-o", path, os.path.join(SRC, f"{name}.c"), *libs],
+                       check=True)
+        paths[name] = path
+    lib = os.path.join(out_dir, "libplugin.so")
+    subprocess.run([cc, "-O1", "-shared", "-fPIC", "-o", lib, os.path.join(SRC, "plugin.c")],
+                   check=True)
+    paths["libplugin"] = lib
+    return paths

@@ -1,0 +1,1 @@
+long plugin_fn(long x) { return x ^ (x >> 3); }

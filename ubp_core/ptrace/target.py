@@ -1,0 +1,439 @@
+"""Live Linux processes under ptrace as Targets.
+
+One :class:`Hub` per tracer owns ``waitpid(-1)``: every thread of every traced process
+(children followed across fork included) reports there, and the hub hands each stop to
+the :class:`PtraceTarget` of its process.  A target keeps, per thread, whether it is
+stopped (ptrace requests only work then) and a queue of stops not yet handed out.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..archops import ArchOps
+from ..errors import MemoryFault, TargetError
+from ..procmaps import free_gap_near, read_maps
+from ..target import Stop, StopKind, Target
+from ..types import Regs
+from . import sys as pt
+from .memory import ProcMem
+from .process import (
+    MAP_ANONYMOUS,
+    MAP_FIXED_NOREPLACE,
+    MAP_PRIVATE,
+    TF,
+    SyscallInjector,
+    WaitStatus,
+    clear_step_tf,
+    getregs,
+    prot_bits,
+    setregs,
+    waitpid,
+)
+from .regs import UserRegs, set_xstate_extra
+
+SYNC_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE,
+                          signal.SIGTRAP})
+JOB_STOPS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
+OPTIONS = (pt.PTRACE_O_TRACECLONE | pt.PTRACE_O_TRACEFORK | pt.PTRACE_O_TRACEVFORK
+           | pt.PTRACE_O_TRACEEXEC | pt.PTRACE_O_TRACESYSGOOD)
+PTRACE_SYSCALL = 24
+EVENTS = {pt.PTRACE_EVENT_CLONE: "clone", pt.PTRACE_EVENT_FORK: "fork",
+          pt.PTRACE_EVENT_VFORK: "vfork", pt.PTRACE_EVENT_EXEC: "exec",
+          pt.PTRACE_EVENT_VFORK_DONE: "vfork-done", pt.PTRACE_EVENT_EXIT: "exit"}
+
+
+@dataclass(slots=True)
+class Thread:
+    tid: int
+    stopped: bool = False
+    frozen: bool = False  # stopped by us on behalf of another thread (inline step)
+    stepping: bool = False
+    tf_before: int = 0
+    regs: UserRegs = field(default_factory=UserRegs)
+    regs_valid: bool = False
+    #: resume with PTRACE_SYSCALL: the dynamic linker is mapping libraries and every
+    #: mmap is a chance to arm probes before the new code runs
+    watch_syscalls: bool = False
+    in_syscall: bool = False
+
+
+def _in_trace_stop(tid: int) -> bool:
+    try:
+        with open(f"/proc/{tid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "t"
+    except (OSError, IndexError):
+        return False
+
+
+class Hub:
+    """waitpid(-1) for every traced task, routed to its process's target."""
+
+    def __init__(self) -> None:
+        self.targets: dict[int, PtraceTarget] = {}  # tid -> target
+        self.orphans: dict[int, WaitStatus] = {}  # stops of tids not yet announced
+        self.all: list[PtraceTarget] = []  # every target with threads or queued stops
+
+    def adopt(self, tid: int, target: PtraceTarget) -> None:
+        self.targets[tid] = target
+        if target not in self.all:
+            self.all.append(target)
+        early = self.orphans.pop(tid, None)
+        if early is not None:
+            target._on_status(early)
+
+    def forget(self, tid: int) -> None:
+        self.targets.pop(tid, None)
+
+    def wake(self) -> None:
+        """Make a blocked :meth:`pump` return (safe from a signal handler): interrupt
+        every thread believed running, so each reports a stop."""
+        for target in list(self.all):
+            for th in list(target.threads_.values()):
+                if not th.stopped:
+                    pt.try_ptrace(pt.PTRACE_INTERRUPT, th.tid, 0, 0)
+
+    def pump(self, block: bool = True) -> bool:
+        """Collect one wait status and route it; False when nothing was there."""
+        ws = waitpid(-1, 0 if block else os.WNOHANG)
+        if ws is None:
+            return False
+        target = self.targets.get(ws.tid)
+        if target is None:
+            self.orphans[ws.tid] = ws  # a new clone child can report before its parent
+            return True
+        target._on_status(ws)
+        return True
+
+    def next_stop(self, only: tuple[PtraceTarget, int] | None = None
+                  ) -> tuple[PtraceTarget, Stop] | None:
+        """The next stop of any traced process (None: nothing is traced any more).
+
+        ``only``: (target, tid) whose stop must come next; the others wait in queues.
+        """
+        if only is not None:
+            target, tid = only
+            while True:
+                for s in target.queue:
+                    if s.tid == tid:
+                        target.queue.remove(s)
+                        return target, s
+                if tid not in target.threads_ or not self.pump():
+                    return None
+        while True:
+            for target in self.all:
+                if target.queue:
+                    return target, target.queue.popleft()
+            self.all = [t for t in self.all if t.threads_]
+            if not self.all or not self.pump():
+                return None
+
+
+class PtraceTarget(Target):
+    """One traced process (all its threads)."""
+
+    def __init__(self, pid: int, arch: ArchOps, hub: Hub, *, spawned: bool) -> None:
+        self.pid = pid
+        self.arch = arch
+        self.hub = hub
+        self.spawned = spawned
+        self.mem = ProcMem(pid)
+        self.threads_: dict[int, Thread] = {}
+        self.queue: deque[Stop] = deque()
+        self.exited: int | None = None  # wait status of the whole process once gone
+        self.syscall_insn: int | None = None
+        self._xbuf = (ctypes.c_uint8 * 16384)()
+        self.xol_areas: list[tuple[int, int]] = []
+
+    # ------------------------------------------------------------------ threads
+    def add_thread(self, tid: int, stopped: bool = False) -> Thread:
+        th = self.threads_.get(tid)
+        if th is None:
+            th = self.threads_[tid] = Thread(tid, stopped)
+            self.hub.adopt(tid, self)
+        return th
+
+    def threads(self) -> list[int]:
+        return list(self.threads_)
+
+    def any_stopped(self) -> int | None:
+        for th in self.threads_.values():
+            if th.stopped:
+                return th.tid
+        return None
+
+    # ------------------------------------------------------------------ statuses
+    def _on_status(self, ws: WaitStatus) -> None:
+        tid = ws.tid
+        th = self.threads_.get(tid) or self.add_thread(tid)
+        if ws.exited:
+            self.threads_.pop(tid, None)
+            self.hub.forget(tid)
+            if tid == self.pid:
+                self.exited = ws.status
+            self.queue.append(Stop(tid, StopKind.EXITED, status=ws.status))
+            return
+        th.stopped = True
+        th.regs_valid = False
+        sig = ws.stopsig
+        event = ws.event
+        if event:
+            if event == pt.PTRACE_EVENT_STOP:
+                kind = "group-stop" if sig in JOB_STOPS else "interrupt"
+                self.queue.append(Stop(tid, StopKind.EVENT, sig, event=kind))
+                return
+            name = EVENTS.get(event, str(event))
+            data = pt.geteventmsg(tid) if event != pt.PTRACE_EVENT_STOP else None
+            self.queue.append(Stop(tid, StopKind.EVENT, sig, event=name, data=data))
+            return
+        if sig == signal.SIGTRAP | 0x80:
+            op = pt.syscall_op(tid)
+            if op is None:  # kernels before 5.3: entry and exit stops alternate
+                th.in_syscall = not th.in_syscall
+            else:
+                th.in_syscall = op == pt.PTRACE_SYSCALL_INFO_ENTRY
+            self.queue.append(Stop(tid, StopKind.EVENT, signal.SIGTRAP, event="syscall",
+                                   data="entry" if th.in_syscall else "exit"))
+            return
+        if sig == signal.SIGTRAP:
+            if th.stepping:
+                th.stepping = False
+            self.queue.append(Stop(tid, StopKind.TRAP, sig))
+            return
+        info = pt.getsiginfo(tid)
+        fault = info.si_code > 0 and sig in SYNC_SIGNALS
+        addr = info.si_addr if fault else None
+        if th.stepping:
+            th.stepping = False
+            clear_step_tf(tid, th.regs, th.tf_before)
+            th.regs_valid = True
+        self.queue.append(Stop(tid, StopKind.SIGNAL, sig, fault=fault, fault_addr=addr,
+                               data=info.si_code))
+
+    def wait(self, timeout: float | None = None) -> Stop:
+        while not self.queue:
+            if self.exited is not None and not self.threads_:
+                return Stop(self.pid, StopKind.EXITED, status=self.exited)
+            self.hub.pump()
+        return self.queue.popleft()
+
+    # ------------------------------------------------------------------ memory
+    def read_memory(self, address: int, size: int) -> bytes:
+        return self.mem.read(address, size)
+
+    def write_memory(self, address: int, data: bytes) -> None:
+        self.mem.write(address, data)
+
+    # ------------------------------------------------------------------ registers
+    def _thread(self, tid: int) -> Thread:
+        th = self.threads_.get(tid)
+        if th is None:
+            raise TargetError(f"thread {tid} is not traced (it exited?)")
+        if not th.stopped:
+            raise TargetError(f"thread {tid} is running; it must be stopped first")
+        return th
+
+    def get_regs(self, tid: int) -> Regs:
+        th = self._thread(tid)
+        if not th.regs_valid:
+            getregs(tid, th.regs)
+            th.regs_valid = True
+        return th.regs
+
+    def set_regs(self, tid: int, regs: Regs) -> None:
+        th = self._thread(tid)
+        if regs is not th.regs:
+            th.regs.update(dict(regs.items()))
+        setregs(tid, th.regs)
+        th.regs_valid = True
+
+    def set_extra(self, tid: int, values: dict[str, int]) -> None:
+        self._thread(tid)
+        set_xstate_extra(tid, self._xbuf, values)
+
+    # ------------------------------------------------------------------ execution
+    def resume(self, tid: int, *, step: bool = False, signal: int = 0) -> None:
+        th = self._thread(tid)
+        if step:
+            th.tf_before = th.regs["eflags"] & TF if th.regs_valid else 0
+            th.stepping = True
+        request = (pt.PTRACE_SINGLESTEP if step else
+                   PTRACE_SYSCALL if th.watch_syscalls else pt.PTRACE_CONT)
+        res = pt.try_ptrace(request, tid, 0, signal)
+        if res < 0 and res != -errno.ESRCH:
+            raise TargetError(f"cannot resume thread {tid}: {os.strerror(-res)}")
+        th.stopped = False
+        th.regs_valid = False
+
+    def watch_syscalls(self, tid: int, on: bool) -> None:
+        th = self.threads_.get(tid)
+        if th is not None:
+            if on and not th.watch_syscalls:
+                th.in_syscall = False
+            th.watch_syscalls = on
+
+    def syscall_number(self, tid: int) -> int:
+        """The system call a thread stopped at a syscall stop is making."""
+        return self.get_regs(tid)["orig_rax"]
+
+    def listen(self, tid: int) -> None:
+        """Leave a thread in its group-stop (job control) until SIGCONT."""
+        th = self._thread(tid)
+        pt.try_ptrace(pt.PTRACE_LISTEN, tid, 0, 0)
+        th.stopped = False
+
+    def interrupt(self, tid: int) -> None:
+        pt.try_ptrace(pt.PTRACE_INTERRUPT, tid, 0, 0)
+
+    def stop_thread(self, tid: int) -> list[Stop]:
+        """Interrupt a running thread and wait until it is stopped.
+
+        Returns the stops it reported on the way other than our interrupt (a breakpoint
+        it reached meanwhile, a signal) for the caller to handle after.
+        """
+        th = self.threads_.get(tid)
+        if th is None or th.stopped:
+            return []
+        self.interrupt(tid)
+        other: list[Stop] = []
+        deadline = time.monotonic() + 0.5
+        while tid in self.threads_ and not self.threads_[tid].stopped:
+            if self.hub.pump(block=False):
+                continue
+            if time.monotonic() > deadline and _in_trace_stop(tid):
+                # stopped, but its wait status is gone (taken by an interrupted waitpid)
+                th.stopped = True
+                th.regs_valid = False
+                break
+            time.sleep(0.0005)
+        # pick this thread's stops out of the queue
+        mine = [s for s in self.queue if s.tid == tid]
+        for s in mine:
+            self.queue.remove(s)
+            if not (s.kind is StopKind.EVENT and s.event == "interrupt"):
+                other.append(s)
+        return other
+
+    def stop_others(self, tid: int) -> None:
+        for other in list(self.threads_):
+            if other == tid:
+                continue
+            th = self.threads_.get(other)
+            if th is None or th.stopped:
+                continue
+            pending = self.stop_thread(other)
+            th = self.threads_.get(other)
+            if th is None:
+                continue
+            th.frozen = True
+            # what it reported on the way is handled once the step is over
+            self.queue.extend(pending)
+            if pending:
+                th.frozen = False  # its own stop keeps it stopped until handled
+
+    def resume_others(self, tid: int) -> None:
+        for th in list(self.threads_.values()):
+            if th.frozen and th.stopped:
+                th.frozen = False
+                self.resume(th.tid)
+
+    def queue_signal(self, tid: int, signo: int) -> None:
+        pt.tgkill(self.pid, tid, signo)
+
+    # ------------------------------------------------------------------ system calls
+    def _find_syscall_insn(self) -> int:
+        """An existing system-call instruction of the program (any executable page)."""
+        pattern = self.arch.abi.syscall_insn
+        for m in read_maps(self.pid):
+            if not m.executable or m.path in ("[vsyscall]",):
+                continue
+            try:
+                data = self.mem.read(m.start, min(m.end - m.start, 1 << 22))
+            except MemoryFault:
+                continue
+            at = data.find(pattern)
+            while at >= 0 and at % self.arch.insn_alignment:
+                at = data.find(pattern, at + 1)
+            if at >= 0:
+                return m.start + at
+        raise TargetError("no system-call instruction found in the program to inject through")
+
+    def inject(self, name: str, *args: int, tid: int | None = None) -> int:
+        """Make a stopped thread of the program run one system call for us."""
+        if tid is None:
+            tid = self.any_stopped()
+        if tid is None:
+            tid = self.pid if self.pid in self.threads_ else next(iter(self.threads_))
+            self.stop_thread(tid)
+            resume_after = True
+        else:
+            resume_after = False
+        if self.syscall_insn is None:
+            self.syscall_insn = self._find_syscall_insn()
+        th = self._thread(tid)
+        injector = SyscallInjector(tid, self.syscall_insn, self.arch.abi)
+        try:
+            return injector(name, *args)
+        finally:
+            th.regs_valid = False
+            for sig in injector.suppressed:
+                self.queue_signal(tid, sig)
+            if resume_after:
+                self.resume(tid)
+
+    def map_xol(self, near: int, size: int, reach: int = 0) -> int:
+        """Map an XOL area: read+execute only, filled through /proc/PID/mem.
+
+        The program never gets a writable and executable page from us.  It is placed
+        within ``reach`` of ``near`` (a rel32 on x86-64) so a jump back fits and
+        pc-relative operands can be re-based.
+        """
+        maps = read_maps(self.pid)
+        for _ in range(8):
+            where = free_gap_near(maps, near, size, reach)
+            if where is None:
+                raise TargetError(f"no free {size:#x}-byte range within {reach:#x} of {near:#x}")
+            try:
+                got = self.inject("mmap", where, size, prot_bits("rx"),
+                                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+                                  (1 << 64) - 1, 0)
+            except OSError as exc:
+                if exc.errno == errno.EEXIST:
+                    maps = read_maps(self.pid)
+                    continue
+                raise TargetError(f"cannot map an XOL area in process {self.pid}: {exc}") from None
+            if got != where:
+                self.inject("munmap", got, size)
+                raise TargetError(f"the kernel placed the XOL area at {got:#x}, not {where:#x}")
+            self.xol_areas.append((got, size))
+            # our own system-call instruction for later injections, at the area's end
+            insn = self.arch.abi.syscall_insn
+            self.write_memory(got + size - len(insn), insn)
+            self.syscall_insn = got + size - len(insn)
+            return got
+        raise TargetError("could not place an XOL area: the address space keeps changing")
+
+    # ------------------------------------------------------------------ lifetime
+    def detach_all(self, signals: dict[int, int] | None = None) -> None:
+        """Detach every (stopped) thread; ``signals`` maps tid -> signal to deliver."""
+        signals = signals or {}
+        for tid in list(self.threads_):
+            pt.try_ptrace(pt.PTRACE_DETACH, tid, 0, signals.get(tid, 0))
+            self.threads_.pop(tid, None)
+            self.hub.forget(tid)
+        self.mem.close()
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def close(self) -> None:
+        self.mem.close()

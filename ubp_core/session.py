@@ -1,0 +1,696 @@
+"""Tracing live programs: processes, threads, forks, execs, libraries loaded later.
+
+A :class:`Session` traces one program (spawned or attached) and, by default, every
+process it forks.  Probes are given as specs (``libc:malloc``, ``main+0x10``,
+``0x401136``); they are resolved in each process as its files are mapped, armed when
+the library that holds them appears (dlopen included), and re-resolved after an exec.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .archops import ArchOps
+from .elfinfo import elf_ident_of
+from .engine import Engine, Hit, Probe
+from .errors import MemoryFault, ProbeError, TargetError, UbpError
+from .plugins import PluginSet, default_plugins
+from .ptrace import sys as pt
+from .ptrace.process import spawn_traced
+from .ptrace.target import OPTIONS, Hub, PtraceTarget
+from .spec import ProbeSpec, parse_spec
+from .symbols import NotYet, Resolver
+from .target import Stop, StopKind
+from .types import Strategy
+from .xol import XolAllocator
+
+log = logging.getLogger("ubp.session")
+
+RT_CONSISTENT = 0
+R_STATE_OFFSET = 24  # struct r_debug: int r_version; link_map *r_map; r_brk; r_state
+
+
+class AttachError(TargetError):
+    pass
+
+
+@dataclass(eq=False)
+class TraceProbe:
+    """A probe as the user asked for it: one spec, armed in every traced process."""
+
+    spec: ProbeSpec
+    handler: Callable[[Hit], object] | None
+    strategy: Strategy | None
+    hits: int = 0
+    enabled: bool = True
+    attached: dict[int, Probe] = field(default_factory=dict)  # pid -> engine probe
+    address: int | None = None  # where it was first armed
+    module: str | None = None
+    chosen: Strategy | None = None
+    error: str | None = None
+    #: for a pattern spec: one probe per matching function, by "module:symbol"
+    children: dict[str, TraceProbe] = field(default_factory=dict)
+    skipped: int = 0  # pattern matches that cannot be probed (refused instructions)
+
+    label_override: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.label_override or self.spec.text
+
+    def flat(self) -> list[TraceProbe]:
+        """This probe, or for a pattern the probes it expanded to."""
+        return list(self.children.values()) if self.spec.is_glob else [self]
+
+    def as_dict(self) -> dict:
+        return {"spec": self.label, "address": self.address,
+                "strategy": self.chosen.value if self.chosen else None, "hits": self.hits,
+                **({"error": self.error} if self.error else {})}
+
+
+@dataclass(eq=False)
+class Process:
+    target: PtraceTarget
+    engine: Engine
+    resolver: Resolver
+    startup_done: bool = False
+    started: bool = False
+    r_debug: int | None = None
+    internal: list[Probe] = field(default_factory=list)
+    globbed: dict[int, tuple] = field(default_factory=dict)  # pattern -> layout expanded
+
+    @property
+    def pid(self) -> int:
+        return self.target.pid
+
+
+class Session:
+    """Trace one program and its children."""
+
+    def __init__(self, hub: Hub, arch: ArchOps, *, follow_forks: bool = True,
+                 plugins: PluginSet | None = None, inline_freeze: bool = True) -> None:
+        self.hub = hub
+        self.arch = arch
+        self.plugins = plugins or default_plugins()
+        self.follow_forks = follow_forks
+        self.inline_freeze = inline_freeze
+        self.processes: dict[int, Process] = {}
+        self.probes: list[TraceProbe] = []
+        self.main_pid: int | None = None
+        self.exit_status: int | None = None
+        self.spawned = False
+        self._stop_requested = False
+        self._fatal: UbpError | None = None
+        self._vfork_children: dict[int, Process] = {}  # child tid -> parent process
+        self.start_time = time.monotonic()
+
+    # ------------------------------------------------------------------ creation
+    @classmethod
+    def spawn(cls, argv: Sequence[str], env: dict[str, str] | None = None, *,
+              exitkill: bool = False, **kw) -> Session:
+        path = _which(argv[0])
+        plugins = kw.pop("plugins", None) or default_plugins()
+        arch = plugins.arch_for_elf(elf_ident_of(path), path)
+        options = OPTIONS | (pt.PTRACE_O_EXITKILL if exitkill else 0)
+        pid = spawn_traced([path, *argv[1:]], env, options, settle=True)
+        hub = Hub()
+        s = cls(hub, arch, plugins=plugins, **kw)
+        s.spawned = True
+        s.main_pid = pid
+        target = PtraceTarget(pid, arch, hub, spawned=True)
+        target.add_thread(pid, stopped=True)
+        s._add_process(target)
+        return s
+
+    @classmethod
+    def attach(cls, pid: int, *, exitkill: bool = False, **kw) -> Session:
+        plugins = kw.pop("plugins", None) or default_plugins()
+        try:
+            exe = os.readlink(f"/proc/{pid}/exe")
+        except FileNotFoundError:
+            raise AttachError(f"no process {pid}") from None
+        except PermissionError:
+            raise AttachError(_eperm(pid)) from None
+        arch = plugins.arch_for_elf(elf_ident_of(f"/proc/{pid}/exe"), exe)
+        hub = Hub()
+        s = cls(hub, arch, plugins=plugins, **kw)
+        s.main_pid = pid
+        options = OPTIONS | (pt.PTRACE_O_EXITKILL if exitkill else 0)
+        target = PtraceTarget(pid, arch, hub, spawned=False)
+        tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+        seized = []
+        try:
+            for tid in tids:
+                res = pt.try_ptrace(pt.PTRACE_SEIZE, tid, 0, options)
+                if res < 0:
+                    if -res == 1 or -res == 13:  # EPERM, EACCES
+                        raise AttachError(_eperm(pid))
+                    if -res == 3:  # ESRCH: the thread just exited
+                        continue
+                    raise AttachError(f"cannot attach to {tid}: {os.strerror(-res)}")
+                seized.append(tid)
+                target.add_thread(tid)
+        except AttachError:
+            for tid in seized:
+                pt.try_ptrace(pt.PTRACE_DETACH, tid, 0, 0)
+            raise
+        # stop one thread so symbols can be resolved and probes inserted
+        leader = pid if pid in target.threads_ else seized[0]
+        for early in target.stop_thread(leader):
+            target.queue.append(early)
+        s._add_process(target)
+        return s
+
+    def _add_process(self, target: PtraceTarget, engine: Engine | None = None) -> Process:
+        if engine is None:
+            xol = XolAllocator(target, self.arch.xol_slot_size, self.arch.branch_reach)
+            engine = Engine(target, self.arch, xol=xol, inline_freeze=self.inline_freeze)
+        proc = Process(target, engine, Resolver(target.pid, self.arch))
+        self.processes[target.pid] = proc
+        return proc
+
+    # ------------------------------------------------------------------ probes
+    def probe(self, spec: str | ProbeSpec, handler: Callable[[Hit], object] | None = None, *,
+              strategy: Strategy | str | None = None) -> TraceProbe:
+        """Add a probe; it is armed in every traced process that has (or loads) it.
+
+        Raises ProbeError/RefusedError at once when the spec is malformed, names
+        something that cannot exist, or an instruction that cannot be probed; the target
+        is then left untouched.
+        """
+        ps = spec if isinstance(spec, ProbeSpec) else parse_spec(spec)
+        if ps.ret:
+            raise ProbeError(f"probe {ps.text!r}: return probes are not supported yet")
+        tp = TraceProbe(ps, handler, Strategy(strategy) if strategy else None)
+        for proc in list(self.processes.values()):
+            self._arm(proc, tp, final=self._final(proc))
+        self.probes.append(tp)
+        return tp
+
+    def _final(self, proc: Process) -> bool:
+        return proc.startup_done or not self.spawned
+
+    def _arm(self, proc: Process, tp: TraceProbe, final: bool) -> bool:
+        """Arm ``tp`` in ``proc`` if it resolves there; NotYet leaves it pending."""
+        if tp.spec.is_glob:
+            return self._arm_glob(proc, tp)
+        if proc.pid in tp.attached:
+            return True
+        try:
+            where = proc.resolver.resolve(tp.spec, final=final)
+        except NotYet:
+            return False
+        probe = proc.engine.add_probe(where.address, self._dispatch(tp),
+                                      strategy=tp.strategy, label=tp.spec.text)
+        probe.enabled = tp.enabled
+        probe.site.refresh()
+        tp.attached[proc.pid] = probe
+        if tp.address is None:
+            tp.address, tp.module, tp.chosen = where.address, where.module, probe.strategy
+        return True
+
+    def _arm_glob(self, proc: Process, tp: TraceProbe) -> bool:
+        layout = proc.resolver.layout_key()
+        if proc.globbed.get(id(tp)) == layout:
+            return True  # nothing mapped or unmapped since the last expansion
+        try:
+            matches = proc.resolver.resolve_glob(tp.spec)
+        except NotYet:
+            return False
+        proc.globbed[id(tp)] = layout
+        seen = set()
+        for where in matches:
+            if where.address in seen:
+                continue
+            seen.add(where.address)
+            name = f"{os.path.basename(where.module or '')}:{where.symbol}"
+            child = tp.children.get(name)
+            if child is None:
+                child = TraceProbe(parse_spec(name) if _plain(name) else tp.spec, tp.handler,
+                                   tp.strategy)
+                child.label_override = name
+                tp.children[name] = child
+            if proc.pid in child.attached:
+                continue
+            try:
+                probe = proc.engine.add_probe(where.address, self._dispatch(child),
+                                              strategy=tp.strategy, label=name)
+            except UbpError as exc:
+                child.error = str(exc)
+                tp.skipped += 1
+                continue
+            probe.enabled = tp.enabled
+            probe.site.refresh()
+            child.attached[proc.pid] = probe
+            if child.address is None:
+                child.address, child.module, child.chosen = (
+                    where.address, where.module, probe.strategy)
+        tp.attached[proc.pid] = None  # type: ignore[assignment]
+        return True
+
+    @staticmethod
+    def _dispatch(tp: TraceProbe) -> Callable[[Hit], None]:
+        user = tp.handler
+
+        def on_hit(hit: Hit) -> None:
+            tp.hits += 1
+            if user is not None:
+                user(hit)
+
+        return on_hit
+
+    def _every(self, tp: TraceProbe | None = None) -> list[TraceProbe]:
+        """Probes with engine attachments: plain ones and the expansions of patterns."""
+        tps = [tp] if tp is not None else self.probes
+        return [t for top in tps for t in ([top, *list(top.children.values())])]
+
+    def enable(self, tp: TraceProbe) -> None:
+        for t in self._every(tp):
+            t.enabled = True
+            for pid, p in t.attached.items():
+                if p is not None:
+                    self.processes[pid].engine.enable(p)
+
+    def disable(self, tp: TraceProbe) -> None:
+        for t in self._every(tp):
+            t.enabled = False
+            for pid, p in t.attached.items():
+                if p is not None:
+                    self.processes[pid].engine.disable(p)
+
+    def remove(self, tp: TraceProbe) -> None:
+        for t in self._every(tp):
+            for pid, p in list(t.attached.items()):
+                proc = self.processes.get(pid)
+                if proc is not None and p is not None:
+                    proc.engine.remove_probe(p)
+            t.attached.clear()
+        if tp in self.probes:
+            self.probes.remove(tp)
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to detach and return (callable from a handler)."""
+        self._stop_requested = True
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested
+
+    # ------------------------------------------------------------------ startup / libraries
+    def _watch_libraries(self, proc: Process) -> None:
+        """An internal probe on the dynamic linker's rendezvous function: it runs when
+        the set of loaded libraries is about to change (RT_ADD) and when it has
+        (RT_CONSISTENT).  In between, the thread's system calls are watched: after each
+        mmap, probes of the libraries that appeared are armed before their code runs
+        (IFUNC resolvers, libc's early initialisation, constructors)."""
+        for mod in proc.resolver.modules.values():
+            try:
+                brk = mod.by_name.get("_dl_debug_state")
+                rdebug = mod.image.data_symbol("_r_debug")
+            except UbpError:
+                continue
+            if brk is None:
+                continue
+            addr = mod.runtime(brk.address)
+            if addr is None:
+                continue
+            proc.r_debug = mod.runtime(rdebug, code=False) if rdebug else None
+            p = proc.engine.add_probe(addr, lambda hit, proc=proc: self._on_rbrk(proc, hit),
+                                      label="<dynamic linker>")
+            proc.internal.append(p)
+            return
+        # a static program: everything is there from the start
+        proc.startup_done = True
+
+    def _r_state(self, proc: Process) -> int:
+        if proc.r_debug is None:
+            return RT_CONSISTENT
+        try:
+            raw = proc.target.read_memory(proc.r_debug + R_STATE_OFFSET, 4)
+        except MemoryFault:
+            return RT_CONSISTENT
+        return int.from_bytes(raw, self.arch.byteorder)
+
+    def _on_rbrk(self, proc: Process, hit: Hit) -> None:
+        if self._r_state(proc) != RT_CONSISTENT:
+            proc.target.watch_syscalls(hit.tid, True)  # libraries are about to be mapped
+            return
+        for tid in proc.target.threads():
+            proc.target.watch_syscalls(tid, False)
+        self._arm_new_libraries(proc, startup_over=True)
+
+    def _arm_new_libraries(self, proc: Process, startup_over: bool) -> None:
+        proc.resolver.refresh()
+        final = startup_over and not proc.startup_done
+        if startup_over:
+            proc.startup_done = True
+        for tp in self.probes:
+            try:
+                self._arm(proc, tp, final=final)
+            except NotYet:
+                continue
+            except UbpError as exc:
+                if final and self.spawned and proc.pid == self.main_pid and self._fatal is None:
+                    # the program has not run its own code yet: fail before it does
+                    self._fatal = exc
+                    self.stop()
+                tp.error = str(exc)
+
+    def _start_process(self, proc: Process) -> None:
+        """Resolve what can be resolved now; watch for libraries for the rest."""
+        proc.started = True
+        self._watch_libraries(proc)
+        if not proc.startup_done:
+            # the dynamic linker is about to map the program's libraries
+            for tid in proc.target.threads():
+                proc.target.watch_syscalls(tid, True)
+        for tp in self.probes:
+            self._arm(proc, tp, final=self._final(proc))
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, timeout: float | None = None) -> int | None:
+        """Run the program until it exits (or :meth:`stop`, or ``timeout`` seconds);
+        returns its wait status (None when detached before it ended)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for proc in list(self.processes.values()):
+            if not proc.started:
+                self._start_process(proc)
+            for tid in proc.target.threads():
+                th = proc.target.threads_.get(tid)
+                if th is not None and th.stopped and not any(s.tid == tid for s in proc.target.queue):
+                    proc.target.resume(tid)
+        try:
+            while self.processes:
+                if self._stop_requested or (deadline and time.monotonic() > deadline):
+                    if self._fatal is not None:
+                        self.kill()
+                    self.detach()
+                    if self._fatal is not None:
+                        raise self._fatal
+                    return self.exit_status
+                got = self.hub.next_stop(self._inline_owner())
+                if got is None:
+                    break
+                target, stop = got
+                self._handle(target, stop)
+        except BaseException:
+            self._emergency_cleanup()
+            raise
+        return self.exit_status
+
+    def _inline_owner(self) -> tuple[PtraceTarget, int] | None:
+        for proc in self.processes.values():
+            if proc.engine.inline_tid is not None:
+                return proc.target, proc.engine.inline_tid
+        return None
+
+    def _handle(self, target: PtraceTarget, stop: Stop) -> None:
+        proc = self.processes.get(target.pid)
+        if proc is None:  # a vfork child living in its parent's target
+            return
+        engine = proc.engine
+        if engine.handle(stop):
+            return
+        tid = stop.tid
+        kind = stop.kind
+        if kind is StopKind.TRAP:
+            # not one of ours: the program's own int3 or SIGTRAP
+            target.resume(tid, signal=signal.SIGTRAP)
+        elif kind is StopKind.SIGNAL:
+            target.resume(tid, signal=stop.signo)
+        elif kind is StopKind.EXITED:
+            self._vfork_children.pop(tid, None)
+            if tid == target.pid:
+                self._process_gone(proc, stop.status)
+        elif kind is StopKind.EVENT:
+            self._event(proc, stop)
+
+    def _event(self, proc: Process, stop: Stop) -> None:
+        target, tid, ev = proc.target, stop.tid, stop.event
+        if ev == "clone":
+            child = stop.data
+            if _shares_memory(target.pid, child, proc):
+                target.add_thread(child)
+            else:
+                self._new_child(proc, child, shared=False)
+        elif ev == "fork":
+            self._new_child(proc, stop.data, shared=_shares_memory(target.pid, stop.data, proc))
+        elif ev == "vfork":
+            self._new_child(proc, stop.data, shared=True)
+        elif ev == "exec":
+            self._exec(proc, tid, stop.data)
+            return
+        elif ev == "group-stop":
+            target.listen(tid)
+            return
+        elif ev == "syscall":
+            if stop.data == "exit" and \
+                    target.syscall_number(tid) == self.arch.abi.syscall_numbers["mmap"]:
+                self._arm_new_libraries(proc, startup_over=False)
+        # interrupt, vfork-done, exit, and the parent side of clone/fork/vfork.  A
+        # system call stepped out of line reports its events mid-step: keep stepping.
+        target.resume(tid, step=proc.engine.stepping(tid))
+
+    def _new_child(self, parent: Process, child: int, shared: bool) -> None:
+        if shared:
+            # a vfork child runs in its parent's memory, breakpoints and XOL area
+            # included: handle it as one more thread of the parent until it execs
+            parent.target.add_thread(child)
+            self._vfork_children[child] = parent
+            return
+        if not self.follow_forks:
+            self._clean_and_release(parent, child)
+            return
+        target = PtraceTarget(child, self.arch, self.hub, spawned=False)
+        target.add_thread(child)
+        engine = parent.engine.clone_for(target)
+        proc = self._add_process(target, engine)
+        proc.started = True
+        proc.startup_done = parent.startup_done
+        proc.r_debug = parent.r_debug
+        for p in parent.internal:
+            site = engine.sites.get(p.address)
+            if site is not None:
+                proc.internal.extend(q for q in site.probes if q.label == p.label)
+        for tp in self._every():
+            if tp.spec.is_glob and not tp.children.get(tp.label) and parent.pid in tp.attached:
+                tp.attached[child] = None  # type: ignore[assignment]
+            old = tp.attached.get(parent.pid)
+            if old is not None:
+                site = engine.sites.get(old.address)
+                if site is not None:
+                    tp.attached[child] = next(q for q in site.probes if q.label == old.label)
+
+    def _clean_and_release(self, parent: Process, child: int) -> None:
+        """Not following: put the original bytes back in the child, then let it go."""
+        from .ptrace.memory import ProcMem
+
+        mem = ProcMem(child)
+        try:
+            for site in parent.engine.sites.values():
+                if site.inserted:
+                    mem.write(site.address, site.original)
+        finally:
+            mem.close()
+        # the child reports its initial stop first; detach once it has
+        ws = None
+        while ws is None or not ws.stopped:
+            from .ptrace.process import waitpid
+
+            ws = waitpid(child)
+            if ws is None or ws.exited:
+                return
+        pt.try_ptrace(pt.PTRACE_DETACH, child, 0, 0)
+
+    def _exec(self, proc: Process, tid: int, former: int | None) -> None:
+        """A new program image: probes of the old one are gone; resolve them anew."""
+        target = proc.target
+        parent = self._vfork_children.pop(tid, None)
+        if parent is not None:
+            # a vfork child leaves its parent's memory: it becomes a process of its own
+            parent.target.threads_.pop(tid, None)
+            self.hub.forget(tid)
+            if not self.follow_forks:  # its new image has no breakpoint: let it go
+                pt.try_ptrace(pt.PTRACE_DETACH, tid, 0, 0)
+                return
+            target = PtraceTarget(tid, self.arch, self.hub, spawned=False)
+            target.add_thread(tid, stopped=True)
+            fresh = self._add_process(target)
+        else:
+            for other in list(target.threads_):
+                if other != tid:
+                    target.threads_.pop(other, None)
+                    self.hub.forget(other)
+            if tid != target.pid:
+                # a non-leader thread exec'ed: it now has the leader's tid
+                target.threads_.pop(tid, None)
+                target.add_thread(target.pid, stopped=True)
+                tid = target.pid
+            target.threads_[tid].stopped = True
+            target.mem.close()
+            from .ptrace.memory import ProcMem
+
+            target.mem = ProcMem(target.pid)
+            target.xol_areas.clear()
+            target.syscall_insn = None
+            proc.resolver.close()
+            fresh = self._add_process(target)
+        for tp in self._every():
+            tp.attached.pop(fresh.pid, None)
+        try:
+            new_arch = self.plugins.arch_for_elf(elf_ident_of(f"/proc/{fresh.pid}/exe"))
+        except UbpError as exc:
+            log.warning("process %d exec'ed a program UBP cannot probe: %s", fresh.pid, exc)
+            self._release(fresh)
+            return
+        if new_arch is not self.arch:
+            log.warning("process %d exec'ed a %s program; not probing it", fresh.pid, new_arch.name)
+            self._release(fresh)
+            return
+        try:
+            self._start_process(fresh)
+        except UbpError as exc:
+            log.warning("after exec in %d: %s", fresh.pid, exc)
+        fresh.target.resume(tid)
+
+    def _release(self, proc: Process) -> None:
+        proc.target.detach_all()
+        self.processes.pop(proc.pid, None)
+
+    def _process_gone(self, proc: Process, status: int | None) -> None:
+        proc.resolver.close()
+        self.processes.pop(proc.pid, None)
+        for tp in self._every():
+            tp.attached.pop(proc.pid, None)
+        if proc.pid == self.main_pid:
+            self.exit_status = status
+
+    # ------------------------------------------------------------------ leaving
+    def detach(self) -> None:
+        """Take every breakpoint out and let every traced process go on running."""
+        for proc in list(self.processes.values()):
+            try:
+                self._detach_process(proc)
+            except (TargetError, OSError) as exc:
+                log.warning("detaching from %d: %s", proc.pid, exc)
+            self.processes.pop(proc.pid, None)
+
+    def _detach_process(self, proc: Process) -> None:
+        """Breakpoints out, every in-flight step finished, every thread out of the XOL
+        area, then detach with the signals that were on their way."""
+        target, engine = proc.target, proc.engine
+        engine.remove_all()
+        pending: dict[int, int] = {}
+        for _ in range(200):
+            for tid in list(target.threads_):
+                th = target.threads_.get(tid)
+                if th is not None and not th.stopped:
+                    for s in target.stop_thread(tid):
+                        target.queue.append(s)
+            busy = False
+            while target.queue:
+                stop = target.queue.popleft()
+                if engine.handle(stop):
+                    busy = True  # a step finished or a late trap was undone: it runs again
+                elif stop.kind is StopKind.SIGNAL:
+                    pending[stop.tid] = stop.signo
+                elif stop.kind is StopKind.TRAP:
+                    pending[stop.tid] = signal.SIGTRAP
+                elif stop.kind is StopKind.EXITED and stop.tid == target.pid:
+                    return
+            for tid in list(target.threads_):
+                th = target.threads_.get(tid)
+                if th is not None and th.stopped and engine._stepping(tid):
+                    # interrupted before its out-of-line step ran: let the step finish
+                    target.resume(tid, step=True)
+                    busy = True
+            if not busy:
+                break
+        engine.leave_xol()
+        target.detach_all(pending)
+
+    def _emergency_cleanup(self) -> None:
+        """Something went wrong in the loop (or Ctrl-C): restore and detach what we can."""
+        for proc in list(self.processes.values()):
+            try:
+                self._detach_process(proc)
+            except Exception as exc:
+                print(f"ubp: could not cleanly detach from {proc.pid}: {exc}", file=sys.stderr)
+                try:
+                    proc.engine.remove_all()
+                except Exception:
+                    pass
+            self.processes.pop(proc.pid, None)
+
+    def kill(self) -> None:
+        for proc in list(self.processes.values()):
+            proc.target.kill()
+
+
+def _plain(name: str) -> bool:
+    try:
+        return not parse_spec(name).is_glob
+    except UbpError:
+        return False
+
+
+def _which(prog: str) -> str:
+    if "/" in prog:
+        if not os.path.exists(prog):
+            raise UbpError(f"{prog}: no such file")
+        return prog
+    for d in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep):
+        cand = os.path.join(d, prog)
+        if os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    raise UbpError(f"{prog}: command not found")
+
+
+def _eperm(pid: int) -> str:
+    scope = "?"
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
+            scope = f.read().strip()
+    except OSError:
+        pass
+    return (f"permission denied attaching to process {pid}: ptrace needs the same user "
+            f"and no other tracer (is a debugger attached?); kernel.yama.ptrace_scope="
+            f"{scope} -- with 1 only a parent may trace its children unless you run as "
+            "root or with CAP_SYS_PTRACE (or set the scope to 0: "
+            "sysctl kernel.yama.ptrace_scope=0); UBP does not work around it")
+
+
+def _shares_memory(pid: int, child: int, proc: Process) -> bool:
+    """True when ``child`` runs in ``pid``'s address space (CLONE_VM without a thread).
+
+    Tested, not guessed: flip a byte through the child and look in the parent.  The byte
+    is the last padding byte of the program's ELF header, which nothing reads."""
+    from .ptrace.memory import ProcMem
+
+    exe = proc.resolver.modules.get(proc.resolver.exe)
+    if exe is None or not exe.mappings:
+        return False
+    at = min(m.start for m in exe.mappings if m.offset == 0) + 15 \
+        if any(m.offset == 0 for m in exe.mappings) else None
+    if at is None:
+        return False
+    try:
+        cm = ProcMem(child)
+    except TargetError:
+        return False
+    try:
+        before = proc.target.read_memory(at, 1)
+        cm.write(at, bytes([before[0] ^ 0xFF]))
+        shared = proc.target.read_memory(at, 1) != before
+        cm.write(at, before)
+        return shared
+    except (MemoryFault, OSError):
+        return False
+    finally:
+        cm.close()
