@@ -88,6 +88,7 @@ class GdbRemoteTarget(Target):
         self._running: set[int] = set()
         self._resume_mode: tuple[bool, int] | None = None
         self.last_stop: StopReply | None = None
+        self._interrupt_pending = False
         #: makes a page writable when the stub refuses a write (set by whoever can
         #: change page protections, e.g. through syscall injection)
         self.make_writable: Callable[[int, int], None] | None = None
@@ -310,20 +311,33 @@ class GdbRemoteTarget(Target):
             raise TargetError("wait() without resume()")
         step, tid = self._resume_mode
         limit = timeout if timeout is not None else (None if step else self.run_timeout)
-        try:
-            reply = self.conn.receive(limit)
-            timed_out = False
-        except StubTimeout:
-            self.interrupt()
-            reply = self.conn.receive()
-            timed_out = True
+        while True:
+            try:
+                reply = self.conn.receive(limit)
+                timed_out = False
+            except StubTimeout:
+                self.interrupt()
+                reply = self.conn.receive()
+                timed_out = True
+            sr = parse_stop(reply)
+            if sr.kind == "signal" and sr.signo == _signal.SIGINT and self._interrupt_pending \
+                    and not timed_out:
+                # the interrupt of an earlier wait, which lost the race with a real stop:
+                # it stopped the program before it did anything; go on as asked
+                self._interrupt_pending = False
+                self.resume(tid, step=step)
+                continue
+            break
         self._resume_mode = None
         self._selected_g = None
-        sr = parse_stop(reply)
         self.last_stop = sr
         stop_tid = sr.tid if sr.tid not in (None, -1, 0) else tid
-        if timed_out and sr.kind == "signal" and sr.signo in (_signal.SIGINT, _signal.SIGTRAP):
-            return Stop(stop_tid, StopKind.TIMEOUT)
+        if timed_out:
+            if sr.kind == "signal" and sr.signo == _signal.SIGINT:
+                return Stop(stop_tid, StopKind.TIMEOUT)
+            # the program stopped by itself just as we gave up on it: that stop is real,
+            # and our interrupt will show up later
+            self._interrupt_pending = True
         if sr.kind == "exited":
             return Stop(stop_tid, StopKind.EXITED, status=sr.status)
         if sr.kind == "killed":
