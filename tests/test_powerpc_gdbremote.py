@@ -195,3 +195,84 @@ def test_system_call_injection(target):
     assert target.inject.mmap_exactly(0x3F000000, PAGE, "rw")
     assert target.get_regs(target.tid) == before  # every register put back
     target.inject.munmap(0x3F000000, PAGE)
+
+
+class FakeStub(threading.Thread):
+    """A scripted stub: enough packets for a GdbRemoteTarget, and stop replies on cue."""
+
+    def __init__(self, sock, stops):
+        super().__init__(daemon=True)
+        self.sock = sock
+        self.stops = list(stops)  # per vCont;c: (delay seconds, stop reply)
+        self.seen: list[bytes] = []
+        regs = "".join(f'<reg name="r{i}" bitsize="32"/>' for i in range(32))
+        regs += "".join(f'<reg name="{n}" bitsize="32"/>' for n in ("pc", "msr", "cr", "lr",
+                                                                    "ctr", "xer"))
+        self.xml = f"<target><architecture>powerpc:common</architecture><feature>{regs}" \
+                   "</feature></target>"
+
+    def reply(self, body: bytes) -> None:
+        self.sock.sendall(b"$" + body + b"#" + protocol.checksum(body))
+
+    def answer(self, p: bytes) -> bytes | None:
+        if p.startswith(b"qSupported"):
+            return b"PacketSize=1000;qXfer:features:read+;multiprocess+"
+        if p == b"vCont?":
+            return b"vCont;c;C;s;S"
+        if p.startswith(b"qXfer:features:read:target.xml:"):
+            return b"l" + self.xml.encode()
+        if p == b"?":
+            return b"T05thread:p1.1;"
+        if p == b"qfThreadInfo":
+            return b"mp1.1"
+        if p == b"qsThreadInfo":
+            return b"l"
+        if p.startswith(b"H"):
+            return b"OK"
+        if p == b"g":
+            return b"00" * (38 * 4)
+        return b""
+
+    def run(self) -> None:
+        buf = b""
+        try:
+            while True:
+                chunk = self.sock.recv(4096)
+                if not chunk:
+                    return
+                buf += chunk
+                while True:
+                    buf = buf.lstrip(b"+\x03")
+                    if not buf.startswith(b"$") or b"#" not in buf or \
+                            len(buf) < buf.index(b"#") + 3:
+                        break
+                    end = buf.index(b"#")
+                    p, buf = buf[1:end], buf[end + 3:]
+                    self.seen.append(p)
+                    if p.startswith(b"vCont;c"):
+                        delay, stop = self.stops.pop(0)
+                        threading.Timer(delay, self.reply, (stop,)).start()
+                    else:
+                        self.reply(self.answer(p))
+        except OSError:
+            return
+
+
+def test_an_interrupt_that_loses_the_race_with_a_real_stop(plugins):
+    ours, theirs = socket.socketpair()
+    # the first run stops by itself after the wait gave up; the interrupt then shows up
+    # as a SIGINT stop at the next resume, which must be swallowed
+    stub = FakeStub(theirs, [(0.3, b"T05thread:p1.1;"), (0.0, b"T02thread:p1.1;"),
+                             (0.0, b"T05thread:p1.1;")])
+    stub.start()
+    from ubp_core.gdbremote.target import GdbRemoteTarget
+
+    t = GdbRemoteTarget(protocol.Connection(ours, timeout=5), plugins.arch("ppc32"))
+    t.interrupt = lambda: None  # the stop is already on its way
+    t.resume(t.tid)
+    assert t.wait(0.1).kind is StopKind.TRAP  # late, but real
+    t.resume(t.tid)
+    assert t.wait(2).kind is StopKind.TRAP
+    assert sum(p.startswith(b"vCont;c") for p in stub.seen) == 3
+    ours.close()
+    theirs.close()
