@@ -247,3 +247,38 @@ def test_output_to_file_and_program_streams_untouched(progs, tmp_path):
     assert out.stderr == ""
     lines = log.read_text().splitlines()
     assert sum(1 for ln in lines if " step " in ln) == 43
+
+
+# ---------------------------------------------------------------- everything at once
+def test_every_function_of_program_and_libc(progs):
+    """Thousands of probes at once (every function of the program and of libc): the
+    output is unchanged and each count equals the kernel's own uprobes count."""
+    from perfcount import uprobe_counts
+
+    want = bare(progs["forks"])
+    out, d = trace_json("libc:*", "forks:*", "--", progs["forks"], timeout=900)
+    assert out.stdout == want.stdout
+    assert len(d["probes"]) > 2000
+    hits = {p["spec"].split(":", 1)[1]: p["hits"] for p in d["probes"]
+            if p["spec"].startswith("libc")}
+    used = sorted(n for n, h in hits.items() if h)
+    assert len(used) > 30
+    import random
+
+    unused = random.Random(5).sample(sorted(n for n, h in hits.items() if not h), 40)
+    kernel = uprobe_counts("/lib/x86_64-linux-gnu/libc.so.6", used + unused,
+                           [progs["forks"]], need_all=False)
+    assert len(kernel) > 50
+    assert {n: hits[n] for n in kernel} == kernel
+
+
+def test_spawned_program_gets_default_signal_dispositions(tmp_path):
+    """Python ignores SIGPIPE and SIGXFSZ for itself; the traced program must not."""
+    src = tmp_path / "disp.c"
+    src.write_text('#include <signal.h>\n#include <stdio.h>\nint main(void){struct sigaction '
+                   'a; sigaction(SIGPIPE,0,&a); printf("%d\\n", a.sa_handler==SIG_IGN); '
+                   'return 0;}\n')
+    exe = tmp_path / "disp"
+    subprocess.run(["gcc", "-o", str(exe), str(src)], check=True)
+    out = ubp("trace", "--count", "main", "--", str(exe))
+    assert out.stdout == "0\n"

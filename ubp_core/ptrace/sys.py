@@ -32,6 +32,8 @@ PTRACE_GETSIGINFO = 0x4202
 PTRACE_GETREGSET = 0x4204
 PTRACE_SETREGSET = 0x4205
 PTRACE_SEIZE = 0x4206
+PTRACE_GETSIGMASK = 0x420A
+PTRACE_SETSIGMASK = 0x420B
 PTRACE_GET_SYSCALL_INFO = 0x420E
 PTRACE_SYSCALL_INFO_ENTRY = 1
 PTRACE_SYSCALL_INFO_EXIT = 2
@@ -162,3 +164,14 @@ def syscall_op(tid: int) -> int | None:
     if res <= 0:
         return None
     return info.op
+
+
+def getsigmask(tid: int) -> int:
+    mask = ctypes.c_uint64()
+    ptrace(PTRACE_GETSIGMASK, tid, 8, ctypes.addressof(mask))
+    return mask.value
+
+
+def setsigmask(tid: int, mask: int) -> None:
+    value = ctypes.c_uint64(mask)
+    ptrace(PTRACE_SETSIGMASK, tid, 8, ctypes.addressof(value))

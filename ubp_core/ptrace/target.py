@@ -64,6 +64,24 @@ class Thread:
     in_syscall: bool = False
 
 
+# Every signal a thread can block, but SIGTRAP: what a mask blocking all signals looks
+# like after a breakpoint or step trap (the kernel unblocks a trap signal it forces)
+_ALL_BUT_TRAP = ((1 << 64) - 1) & ~(1 << (signal.SIGKILL - 1)) & ~(1 << (signal.SIGSTOP - 1)) \
+    & ~(1 << (signal.SIGTRAP - 1))
+
+
+def _reblock_sigtrap(tid: int) -> None:
+    """Undo the kernel's unblocking of SIGTRAP when a trap hits a thread that blocks
+    every signal (pthread_create and posix_spawn do, around clone): otherwise the
+    program's signal mask, and what its children inherit, changes under a probe."""
+    try:
+        mask = pt.getsigmask(tid)
+    except TargetError:
+        return
+    if mask & _ALL_BUT_TRAP == _ALL_BUT_TRAP and not mask & (1 << (signal.SIGTRAP - 1)):
+        pt.setsigmask(tid, mask | (1 << (signal.SIGTRAP - 1)))
+
+
 def _in_trace_stop(tid: int) -> bool:
     try:
         with open(f"/proc/{tid}/stat") as f:
@@ -204,6 +222,7 @@ class PtraceTarget(Target):
         if sig == signal.SIGTRAP:
             if th.stepping:
                 th.stepping = False
+            _reblock_sigtrap(tid)
             self.queue.append(Stop(tid, StopKind.TRAP, sig))
             return
         info = pt.getsiginfo(tid)
