@@ -174,7 +174,7 @@ LARX_KEYS = frozenset(31 << 26 | xo << 1 for xo in LARX)
 STCX_KEYS = frozenset(31 << 26 | xo << 1 for (p, xo), why in REFUSED_XO.items() if why is STCX)
 
 
-def in_atomic_sequence(address: int, read_words, word_bits: int) -> bool:
+def in_atomic_sequence(address: int, read_words) -> bool:
     """True when ``address`` lies after a load-reserve and up to its store-conditional.
 
     ``read_words(address, count, keep_end)`` returns up to ``count`` instruction words

@@ -154,7 +154,7 @@ class PowerPC(ArchOps):
                 return list(struct.unpack(f"{self._fmt}{len(raw) // 4}I", raw))
             return []
 
-        if an.in_atomic_sequence(analysis.address, read_words, self.word_bits):
+        if an.in_atomic_sequence(analysis.address, read_words):
             return Analysis(analysis.insn, frozenset(), an.INSIDE_ATOMIC, "atomic-sequence")
         return analysis
 
