@@ -9,7 +9,6 @@ from test_powerpc_support import VARIANTS, libc_of, qemu_cpu
 
 from ubp_core.conformance import corpus
 from ubp_core.conformance.kit import run_cases
-from ubp_core.types import Strategy
 
 LIBC_SAMPLE = 200  # the default run; the opt-in corpus test takes 5,000 per variant
 
@@ -73,7 +72,6 @@ def test_libc_5000_on_qemu(plugins, arch):
     cases, _ = corpus.elf_cases(arch, libc_of(arch.name), 5000, seed=0)
     d = run_cases(arch, corpus.plugin_cases(arch) + cases, cpus=["qemu"], jobs=2).as_dict(50)
     _check(d, unverified_share=0.01, min_per_strategy=1000)
-    assert all(row["cases"] for s, row in d["by_strategy"].items() if s in Strategy._value2member_map_)
 
 
 def test_breakpoint_traps_where_the_plugin_says(plugins, arch):
