@@ -21,7 +21,7 @@ class UserRegs(ctypes.Structure):
         return getattr(self, name)
 
     def __setitem__(self, name: str, value: int) -> None:
-        setattr(self, name, value & 0xFFFFFFFFFFFFFFFF)
+        setattr(self, name, value)  # a c_uint64 field keeps the low 64 bits
 
     def __contains__(self, name: object) -> bool:
         return name in _FIELDS
@@ -43,7 +43,7 @@ class UserRegs(ctypes.Structure):
 
     def update(self, other: dict[str, int]) -> None:
         for name, value in other.items():
-            setattr(self, name, value & 0xFFFFFFFFFFFFFFFF)
+            setattr(self, name, value)
 
     def copy(self) -> dict[str, int]:
         return dict(self.items())

@@ -64,7 +64,8 @@ NT_X86_XSTATE = 0x202
 SYS_tgkill = 234
 SYS_gettid = 186
 
-__WALL = 0x40000000
+WALL = 0x40000000
+__WALL = WALL
 
 
 class SigInfo(ctypes.Structure):
@@ -166,10 +167,15 @@ def syscall_op(tid: int) -> int | None:
     return info.op
 
 
+_mask = ctypes.c_uint64()
+_mask_addr = ctypes.addressof(_mask)
+
+
 def getsigmask(tid: int) -> int:
-    mask = ctypes.c_uint64()
-    ptrace(PTRACE_GETSIGMASK, tid, 8, ctypes.addressof(mask))
-    return mask.value
+    """The thread's blocked-signal mask (-1: could not read it)."""
+    if _ptrace(PTRACE_GETSIGMASK, tid, 8, _mask_addr) < 0:
+        return -1
+    return _mask.value
 
 
 def setsigmask(tid: int, mask: int) -> None:

@@ -38,6 +38,8 @@ from .process import (
 )
 from .regs import UserRegs, set_xstate_extra
 
+_ptrace = pt._ptrace  # the hit path calls ptrace(2) directly
+
 SYNC_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE,
                           signal.SIGTRAP})
 JOB_STOPS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
@@ -62,24 +64,28 @@ class Thread:
     #: mmap is a chance to arm probes before the new code runs
     watch_syscalls: bool = False
     in_syscall: bool = False
+    trap: Stop = field(init=False)  # reused for every trap of this thread (hit path)
+    regs_addr: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.trap = Stop(self.tid, StopKind.TRAP, signal.SIGTRAP)
+        self.regs_addr = ctypes.addressof(self.regs)
 
 
 # Every signal a thread can block, but SIGTRAP: what a mask blocking all signals looks
 # like after a breakpoint or step trap (the kernel unblocks a trap signal it forces)
 _ALL_BUT_TRAP = ((1 << 64) - 1) & ~(1 << (signal.SIGKILL - 1)) & ~(1 << (signal.SIGSTOP - 1)) \
     & ~(1 << (signal.SIGTRAP - 1))
+_TRAP_BIT = 1 << (signal.SIGTRAP - 1)
 
 
 def _reblock_sigtrap(tid: int) -> None:
     """Undo the kernel's unblocking of SIGTRAP when a trap hits a thread that blocks
     every signal (pthread_create and posix_spawn do, around clone): otherwise the
     program's signal mask, and what its children inherit, changes under a probe."""
-    try:
-        mask = pt.getsigmask(tid)
-    except TargetError:
-        return
-    if mask & _ALL_BUT_TRAP == _ALL_BUT_TRAP and not mask & (1 << (signal.SIGTRAP - 1)):
-        pt.setsigmask(tid, mask | (1 << (signal.SIGTRAP - 1)))
+    mask = pt.getsigmask(tid)
+    if mask != -1 and mask & _ALL_BUT_TRAP == _ALL_BUT_TRAP and not mask & _TRAP_BIT:
+        pt.setsigmask(tid, mask | _TRAP_BIT)
 
 
 def _in_trace_stop(tid: int) -> bool:
@@ -88,6 +94,9 @@ def _in_trace_stop(tid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "t"
     except (OSError, IndexError):
         return False
+
+
+_TRAP_STATUS = (signal.SIGTRAP << 8) | 0x7F  # stopped by SIGTRAP, no ptrace event
 
 
 class Hub:
@@ -149,8 +158,30 @@ class Hub:
                 if target.queue:
                     return target, target.queue.popleft()
             self.all = [t for t in self.all if t.threads_]
-            if not self.all or not self.pump():
+            if not self.all:
                 return None
+            # The hit path: one waitpid and, for a plain trap, no allocation and no queue
+            try:
+                tid, status = os.waitpid(-1, pt.WALL)
+            except ChildProcessError:
+                return None
+            except InterruptedError:
+                continue
+            target = self.targets.get(tid)
+            if status == _TRAP_STATUS and target is not None:
+                th = target.threads_.get(tid)
+                if th is not None:
+                    th.stopped = True
+                    th.regs_valid = False
+                    th.stepping = False
+                    _reblock_sigtrap(tid)
+                    stop = th.trap
+                    return target, stop
+            ws = WaitStatus(tid, status)
+            if target is None:
+                self.orphans[tid] = ws  # a new clone child can report before its parent
+                continue
+            target._on_status(ws)
 
 
 class PtraceTarget(Target):
@@ -259,17 +290,23 @@ class PtraceTarget(Target):
         return th
 
     def get_regs(self, tid: int) -> Regs:
-        th = self._thread(tid)
+        th = self.threads_.get(tid)
+        if th is None or not th.stopped:
+            self._thread(tid)  # raises the right error
         if not th.regs_valid:
-            getregs(tid, th.regs)
+            if _ptrace(pt.PTRACE_GETREGS, tid, 0, th.regs_addr) < 0:
+                getregs(tid, th.regs)  # raises with errno
             th.regs_valid = True
         return th.regs
 
     def set_regs(self, tid: int, regs: Regs) -> None:
-        th = self._thread(tid)
+        th = self.threads_.get(tid)
+        if th is None or not th.stopped:
+            self._thread(tid)
         if regs is not th.regs:
             th.regs.update(dict(regs.items()))
-        setregs(tid, th.regs)
+        if _ptrace(pt.PTRACE_SETREGS, tid, 0, th.regs_addr) < 0:
+            setregs(tid, th.regs)  # raises with errno
         th.regs_valid = True
 
     def set_extra(self, tid: int, values: dict[str, int]) -> None:
@@ -278,15 +315,19 @@ class PtraceTarget(Target):
 
     # ------------------------------------------------------------------ execution
     def resume(self, tid: int, *, step: bool = False, signal: int = 0) -> None:
-        th = self._thread(tid)
+        th = self.threads_.get(tid)
+        if th is None or not th.stopped:
+            th = self._thread(tid)
         if step:
-            th.tf_before = th.regs["eflags"] & TF if th.regs_valid else 0
+            th.tf_before = th.regs.eflags & TF if th.regs_valid else 0
             th.stepping = True
-        request = (pt.PTRACE_SINGLESTEP if step else
-                   PTRACE_SYSCALL if th.watch_syscalls else pt.PTRACE_CONT)
-        res = pt.try_ptrace(request, tid, 0, signal)
-        if res < 0 and res != -errno.ESRCH:
-            raise TargetError(f"cannot resume thread {tid}: {os.strerror(-res)}")
+            request = pt.PTRACE_SINGLESTEP
+        else:
+            request = PTRACE_SYSCALL if th.watch_syscalls else pt.PTRACE_CONT
+        if _ptrace(request, tid, 0, signal) < 0:
+            err = ctypes.get_errno()
+            if err != errno.ESRCH:
+                raise TargetError(f"cannot resume thread {tid}: {os.strerror(err)}")
         th.stopped = False
         th.regs_valid = False
 
