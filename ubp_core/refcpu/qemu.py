@@ -6,10 +6,12 @@ it.  The harness stops itself at once, and from then on the kit owns the CPU: re
 mapped and protected by system calls injected through the harness's own system-call
 instruction, and instructions run in those regions.
 
-Two things a GDB stub does not give, the harness supplies:
+Things a GDB stub does not give, the harness supplies:
 - the address of a SIGSEGV/SIGBUS (for memory that appears on first touch): the signal
   is delivered to the harness's handler, which writes its siginfo to a mailbox and stops;
   the registers are then put back as they were at the fault;
+- why a SIGILL came (the same way): an opcode qemu lacks, or the instruction's own
+  exception (an operand it rejects), which is a result to compare like any other;
 - writes to pages without write permission (qemu refuses them): the page is made
   writable for the write and protected again, which also drops qemu's translated code.
 """
@@ -43,6 +45,7 @@ HARNESS_FLAGS = ("-O2", "-static", "-fno-stack-protector", "-fno-pie", "-no-pie"
                  f"-Wl,-Ttext-segment={HARNESS_ADDRESS:#x}")
 MAILBOX_MAGIC = 0x5542504D41494C
 SEGV_MAPERR = 1
+ILL_ILLOPC = 1  # si_code of SIGILL: illegal opcode
 PR_SET_PDEATHSIG = 1
 DEFAULT_TIMEOUT = 2.0  # wall clock, on a CPU shared with other work
 
@@ -296,6 +299,8 @@ class QemuScratchTarget(ScratchTarget, GdbRemoteTarget):
         while True:
             step = self._resume_mode[0] if self._resume_mode else False
             stop = GdbRemoteTarget.wait(self, timeout)
+            if stop.kind is StopKind.SIGNAL and stop.signo == signal.SIGILL:
+                return self._sigill(stop)
             if stop.kind is not StopKind.SIGNAL or stop.signo not in (signal.SIGSEGV, signal.SIGBUS):
                 return stop
             signo, code, addr = self._siginfo(stop)
@@ -310,6 +315,18 @@ class QemuScratchTarget(ScratchTarget, GdbRemoteTarget):
                     continue
             return Stop(stop.tid, StopKind.SIGNAL, stop.signo, fault=code > 0,
                         fault_addr=addr if code > 0 else None)
+
+    def _sigill(self, stop: Stop) -> Stop:
+        """A SIGILL, told apart by its si_code: ILL_ILLOPC is an opcode this qemu does
+        not know (or, where qemu reports privileged opcodes the same way, one it may
+        know): undecided.  Any other code (an illegal operand, a privileged opcode) is
+        what the instruction itself does, which every strategy must reproduce; so is
+        any SIGILL at an address no instruction of the arch can have (a branch went
+        there, and what qemu found at it is the program's doing, not a gap in qemu)."""
+        _, code, addr = self._siginfo(stop)
+        known = code != ILL_ILLOPC or addr % self.arch.insn_alignment != 0
+        return Stop(stop.tid, StopKind.SIGNAL, stop.signo, fault=True,
+                    fault_addr=stop.fault_addr, unsupported=False if known else None)
 
     def _siginfo(self, stop: Stop) -> tuple[int, int, int]:
         """Deliver the signal to the harness's handler; (signo, si_code, si_addr)."""

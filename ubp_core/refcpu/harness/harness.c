@@ -6,7 +6,8 @@
  * - main installs a fault handler and stops itself with SIGTRAP; from then on the
  *   tracer owns the CPU and only borrows two things from this program: a system-call
  *   instruction (inside libc's syscall()) for injecting mmap/mprotect, and the handler.
- * - A GDB stub reports a SIGSEGV/SIGBUS but not the faulting address.  The tracer
+ * - A GDB stub reports a SIGSEGV/SIGBUS but not the faulting address, and a SIGILL but
+ *   not why (an opcode the CPU lacks, or an operand the instruction rejects).  The tracer
  *   saves the registers, delivers the signal, and the handler writes what siginfo says
  *   into ubp_mailbox and stops with SIGTRAP; the tracer reads it and puts the registers
  *   back.  The handler runs on its own stack (the faulting stack pointer is whatever the
@@ -57,6 +58,7 @@ int main(void)
     sigemptyset(&sa.sa_mask);
     sigaction(SIGSEGV, &sa, 0);
     sigaction(SIGBUS, &sa, 0);
+    sigaction(SIGILL, &sa, 0);   /* its si_code tells an unknown opcode from a bad operand */
     ubp_mailbox.magic = 0x5542504d41494cULL;  /* "UBPMAIL": setup done */
     for (;;)
         ubp_report();
