@@ -92,6 +92,9 @@ EMULATED_PLAIN = {
 }
 
 
+STACK_STORES = ("stmg", "stg", "st")
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """What the fixup, boost and emulation code needs to know about one instruction."""
@@ -101,6 +104,22 @@ class Plan:
     link: int | None = None  # register receiving the next instruction's address
     target: int | None = None  # static target: relative branch or relative-long operand
     imm_at: int = 2  # where the signed halfword-count immediate sits (rebasing)
+
+
+def _wrapped(insn: Insn, k: str, target: int) -> Analysis:
+    """A relative-long operand (or EXRL target) whose address wraps around the 64-bit
+    address space: code in the lowest 4 GiB naming the highest 4 GiB, or the reverse.
+
+    The CPU wraps the address, so in place the instruction reads the top (or bottom) of
+    the address space.  Out of line, the displacement would have to be re-based from a
+    slot within 4 GiB of that wrapped address, where UBP never places an XOL area (it
+    maps them next to the probed code), and emulation needs that slot as its fallback
+    when the operand does not read.  Only inline single-stepping runs it where it is;
+    pfdrl, a prefetch that never faults, is also emulated as nothing."""
+    plan = Plan(REL_LONG.get(k) or EXECUTE[k], "execute" if k in EXECUTE else "rel-long",
+                target=target)
+    strategies = {E, IN} if plan.op == "pfdrl" else {IN}
+    return Analysis(insn, frozenset(strategies), None, plan.kind, plan)
 
 
 def analyze(insn: Insn) -> Analysis:
@@ -141,8 +160,12 @@ def analyze(insn: Insn) -> Analysis:
         target = (a + 2 * f.i32(raw)) & f.MASK64
         return Analysis(insn, frozenset({E, B, S, IN}), None, "larl",
                         Plan("larl", "larl", target=target))
+    if k in REL_LONG or k == "c6.0":
+        off = 2 * f.i32(raw)
+        target = (a + off) & f.MASK64
+        if not 0 <= a + off <= f.MASK64:
+            return _wrapped(insn, k, target)
     if k in REL_LONG:
-        target = (a + 2 * f.i32(raw)) & f.MASK64
         # stepped and boosted with the displacement re-based for the slot, which must
         # then lie within reach of the operand.  Stores are not emulated: the page may
         # be read-only, which only the CPU can tell (a tracer's write goes through)
@@ -162,6 +185,8 @@ def analyze(insn: Insn) -> Analysis:
     if raw[0] == 0x0A:
         return Analysis(insn, frozenset({B, S, IN}), None, "syscall", Plan("svc", "syscall"))
     op = EMULATED_PLAIN.get(k)
+    if op in STACK_STORES and (f.b2(raw) != 15 or (op != "stmg" and f.x2(raw) != 0)):
+        op = None  # a store emulates only through the stack pointer (see emulate.py)
     if op is not None:
         return Analysis(insn, frozenset({E, B, S, IN}), None, "plain", Plan(op, "plain"))
     return Analysis(insn, frozenset({B, S, IN}), None, "plain", Plan("plain", "plain"))

@@ -118,6 +118,12 @@ CASES: list[tuple[bytes, str]] = [
     (H("c61e00000100"), "clgfrl r1"),
     (H("c62200000100"), "pfdrl 2"),
     (H("c4180000fff0"), "lgrl r1, below the instruction"),
+    # operands 256 MiB below the case: the address wraps to the top of the address space
+    (H("c418f8000000"), "lgrl r1, wraps below 0: inline only"),
+    (H("c61df8000000"), "crl r1, wraps below 0: inline only"),
+    (H("c41ff8000000"), "strl r1, wraps below 0: inline only"),
+    (H("c622f8000000"), "pfdrl 2, wraps below 0: emulated as nothing"),
+    (H("c610f8000000"), "exrl r1, wraps below 0: inline only"),
     # EXECUTE (the target is placed by prepare_case)
     (H("44102000"), "ex r1,0(r2)"),
     (H("44003000"), "ex r0,0(r3): no modifier"),

@@ -317,7 +317,7 @@ def _store(c: _Ctx, size: int, long_disp: bool) -> bool | None:
 
 def _load_rx(c: _Ctx, size: int, long_disp: bool) -> bool | None:
     raw = c.raw
-    ea = f.address(c.regs, f.b2(raw), f.x2(raw), f.d20(raw) if long_disp else f.d12(raw))
+    ea = _address(c, long_disp)
     value = _load(c.read, ea, size)
     if value is None:
         return None
@@ -355,30 +355,42 @@ def _test(c: _Ctx, bits: int, dest: int, source: int) -> bool:
     return True
 
 
+def _move(c: _Ctx, bits: int, dest: int, value: int) -> bool:
+    c.set(dest, value if bits == 64 else _set_low(c.r(dest), value))
+    return True
+
+
+def _address(c: _Ctx, long_disp: bool) -> int:
+    raw = c.raw
+    return f.address(c.regs, f.b2(raw), f.x2(raw), f.d20(raw) if long_disp else f.d12(raw))
+
+
+def _rr(c: _Ctx) -> tuple[int, int]:
+    return f.r1(c.raw), f.r2(c.raw)
+
+
 PLAIN: dict[str, Callable[[_Ctx], bool | None]] = {
     "stmg": _stmg,
     "lmg": _lmg,
-    "lgr": lambda c: (c.set(*_rre(c.raw)[:1], c.r(_rre(c.raw)[1])), True)[1],
-    "lr": lambda c: (c.set(f.r1(c.raw), _set_low(c.r(f.r1(c.raw)), c.r(f.r2(c.raw)))), True)[1],
-    "lgfr": lambda c: (c.set(_rre(c.raw)[0], cc.to_signed(c.r(_rre(c.raw)[1]), 32)), True)[1],
-    "la": lambda c: (c.set(f.r1(c.raw), f.address(c.regs, f.b2(c.raw), f.x2(c.raw),
-                                                   f.d12(c.raw))), True)[1],
-    "lay": lambda c: (c.set(f.r1(c.raw), f.address(c.regs, f.b2(c.raw), f.x2(c.raw),
-                                                    f.d20(c.raw))), True)[1],
-    "lghi": lambda c: (c.set(f.r1(c.raw), f.i16(c.raw)), True)[1],
-    "lhi": lambda c: (c.set(f.r1(c.raw), _set_low(c.r(f.r1(c.raw)), f.i16(c.raw))), True)[1],
+    "lgr": lambda c: _move(c, 64, _rre(c.raw)[0], c.r(_rre(c.raw)[1])),
+    "lr": lambda c: _move(c, 32, f.r1(c.raw), c.r(f.r2(c.raw))),
+    "lgfr": lambda c: _move(c, 64, _rre(c.raw)[0], cc.to_signed(c.r(_rre(c.raw)[1]), 32)),
+    "la": lambda c: _move(c, 64, f.r1(c.raw), _address(c, False)),
+    "lay": lambda c: _move(c, 64, f.r1(c.raw), _address(c, True)),
+    "lghi": lambda c: _move(c, 64, f.r1(c.raw), f.i16(c.raw)),
+    "lhi": lambda c: _move(c, 32, f.r1(c.raw), f.i16(c.raw)),
     "aghi": lambda c: _add_imm(c, 64, f.r1(c.raw), f.i16(c.raw), f.r1(c.raw)),
     "ahi": lambda c: _add_imm(c, 32, f.r1(c.raw), f.i16(c.raw), f.r1(c.raw)),
     "aghik": lambda c: _add_imm(c, 64, f.r2(c.raw), f.i16(c.raw), f.r1(c.raw)),
     "ahik": lambda c: _add_imm(c, 32, f.r2(c.raw), f.i16(c.raw), f.r1(c.raw)),
     "ltgr": lambda c: _test(c, 64, *_rre(c.raw)),
-    "ltr": lambda c: _test(c, 32, f.r1(c.raw), f.r2(c.raw)),
+    "ltr": lambda c: _test(c, 32, *_rr(c)),
     "cghi": lambda c: _compare(c, 64, True, c.r(f.r1(c.raw)), f.i16(c.raw)),
     "chi": lambda c: _compare(c, 32, True, c.r(f.r1(c.raw)), f.i16(c.raw)),
-    "cgr": lambda c: _compare(c, 64, True, c.r(_rre(c.raw)[0]), c.r(_rre(c.raw)[1])),
-    "cr": lambda c: _compare(c, 32, True, c.r(f.r1(c.raw)), c.r(f.r2(c.raw))),
-    "clgr": lambda c: _compare(c, 64, False, c.r(_rre(c.raw)[0]), c.r(_rre(c.raw)[1])),
-    "clr": lambda c: _compare(c, 32, False, c.r(f.r1(c.raw)), c.r(f.r2(c.raw))),
+    "cgr": lambda c: _compare(c, 64, True, *map(c.r, _rre(c.raw))),
+    "cr": lambda c: _compare(c, 32, True, *map(c.r, _rr(c))),
+    "clgr": lambda c: _compare(c, 64, False, *map(c.r, _rre(c.raw))),
+    "clr": lambda c: _compare(c, 32, False, *map(c.r, _rr(c))),
     "stg": lambda c: _store(c, 8, True),
     "st": lambda c: _store(c, 4, False),
     "lg": lambda c: _load_rx(c, 8, True),
