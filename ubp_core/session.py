@@ -23,7 +23,7 @@ from .errors import MemoryFault, ProbeError, TargetError, UbpError
 from .plugins import PluginSet, default_plugins
 from .ptrace import sys as pt
 from .ptrace.process import spawn_traced
-from .ptrace.target import OPTIONS, Hub, PtraceTarget
+from .ptrace.target import OPTIONS, Hub, PtraceTarget, reblock_sigtrap
 from .spec import ProbeSpec, parse_spec
 from .symbols import NotYet, Resolver
 from .target import Stop, StopKind
@@ -108,6 +108,7 @@ class Session:
         self._stop_requested = False
         self._fatal: UbpError | None = None
         self._vfork_children: dict[int, Process] = {}  # child tid -> parent process
+        self._newborn: set[int] = set()  # children not stopped yet
         self.start_time = time.monotonic()
 
     # ------------------------------------------------------------------ creation
@@ -433,6 +434,12 @@ class Session:
 
     def _event(self, proc: Process, stop: Stop) -> None:
         target, tid, ev = proc.target, stop.tid, stop.event
+        if ev in ("clone", "fork", "vfork"):
+            reblock_sigtrap(tid)
+            self._newborn.add(stop.data)  # its mask is fixed at its first stop
+        elif tid in self._newborn:
+            self._newborn.discard(tid)
+            reblock_sigtrap(tid)
         if ev == "clone":
             child = stop.data
             if _shares_memory(target.pid, child, proc):
@@ -461,7 +468,7 @@ class Session:
         if shared:
             # a vfork child runs in its parent's memory, breakpoints and XOL area
             # included: handle it as one more thread of the parent until it execs
-            parent.target.add_thread(child)
+            parent.target.add_thread(child).guard_mask = True
             self._vfork_children[child] = parent
             return
         if not self.follow_forks:

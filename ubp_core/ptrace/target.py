@@ -64,6 +64,9 @@ class Thread:
     #: mmap is a chance to arm probes before the new code runs
     watch_syscalls: bool = False
     in_syscall: bool = False
+    #: re-block SIGTRAP at every trap (a vfork child runs with every signal blocked and
+    #: reads its mask to reset dispositions: posix_spawn)
+    guard_mask: bool = False
     trap: Stop = field(init=False)  # reused for every trap of this thread (hit path)
     regs_addr: int = field(init=False, default=0)
 
@@ -79,10 +82,12 @@ _ALL_BUT_TRAP = ((1 << 64) - 1) & ~(1 << (signal.SIGKILL - 1)) & ~(1 << (signal.
 _TRAP_BIT = 1 << (signal.SIGTRAP - 1)
 
 
-def _reblock_sigtrap(tid: int) -> None:
-    """Undo the kernel's unblocking of SIGTRAP when a trap hits a thread that blocks
-    every signal (pthread_create and posix_spawn do, around clone): otherwise the
-    program's signal mask, and what its children inherit, changes under a probe."""
+def reblock_sigtrap(tid: int) -> None:
+    """Undo the kernel's unblocking of SIGTRAP when a trap hit a thread that blocked
+    every signal.  glibc blocks every signal around clone (pthread_create, fork,
+    posix_spawn) and restores its mask afterwards, which erases the damage in the
+    thread itself; what must not happen is a child inheriting the unblocked mask.  So
+    this runs at clone/fork/vfork events, for the parent and the child, not per hit."""
     mask = pt.getsigmask(tid)
     if mask != -1 and mask & _ALL_BUT_TRAP == _ALL_BUT_TRAP and not mask & _TRAP_BIT:
         pt.setsigmask(tid, mask | _TRAP_BIT)
@@ -174,7 +179,8 @@ class Hub:
                     th.stopped = True
                     th.regs_valid = False
                     th.stepping = False
-                    _reblock_sigtrap(tid)
+                    if th.guard_mask:
+                        reblock_sigtrap(tid)
                     stop = th.trap
                     return target, stop
             ws = WaitStatus(tid, status)
@@ -253,7 +259,8 @@ class PtraceTarget(Target):
         if sig == signal.SIGTRAP:
             if th.stepping:
                 th.stepping = False
-            _reblock_sigtrap(tid)
+            if th.guard_mask:
+                reblock_sigtrap(tid)
             self.queue.append(Stop(tid, StopKind.TRAP, sig))
             return
         info = pt.getsiginfo(tid)
