@@ -9,8 +9,10 @@ returns False so the caller deals with it (a signal for the program, an exit ...
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
+import operator
 import signal as _signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -141,6 +143,14 @@ class ThreadState:
     deferred: list[int] = field(default_factory=list)
 
 
+def _setattr_pc(name: str, regs: Regs, value: int) -> None:
+    setattr(regs, name, value)
+
+
+def _setitem_pc(name: str, regs: Regs, value: int) -> None:
+    regs[name] = value
+
+
 ASYNC_DEFAULT_IGNORED = frozenset({_signal.SIGCHLD, _signal.SIGWINCH, _signal.SIGURG})
 
 
@@ -172,6 +182,12 @@ class Engine:
         self._pc = self.arch.abi.pc
         self._bp = self.arch.breakpoint
         self._pc_after = self.arch.pc_after_trap
+        if getattr(target, "regs_by_attribute", False):
+            self._getpc = operator.attrgetter(self._pc)
+            self._setpc = functools.partial(_setattr_pc, self._pc)
+        else:
+            self._getpc = operator.itemgetter(self._pc)
+            self._setpc = functools.partial(_setitem_pc, self._pc)
 
     # ------------------------------------------------------------------ analysis
     def read_instruction(self, address: int) -> bytes:
@@ -373,31 +389,41 @@ class Engine:
 
     # ------------------------------------------------------------------ the hit path
     def _on_breakpoint(self, tid: int) -> bool:
+        # the hit path: every line here runs once per hit
         target = self.target
         regs = target.get_regs(tid)
-        addr = regs[self._pc] - self._pc_after
+        getpc, setpc = self._getpc, self._setpc
+        addr = getpc(regs) - self._pc_after
         site = self.sites.get(addr)
         if site is None or not site.inserted:
             if addr in self.removed:
                 # the breakpoint went away while this thread was trapping on it
-                regs[self._pc] = addr
+                setpc(regs, addr)
                 target.set_regs(tid, regs)
                 target.resume(tid)
                 return True
             return False
-        regs[self._pc] = addr
+        setpc(regs, addr)
         self.total_hits += 1
         for probe in site.handlers:
             probe.hits += 1
-            if probe.handler is not None:
+            handler = probe.handler
+            if handler is not None:
                 try:
-                    probe.handler(Hit(self, tid, probe, regs))
+                    handler(Hit(self, tid, probe, regs))
                 except Exception as exc:
                     if self.handler_errors == "raise":
                         raise
                     self.errors.append((probe, exc))
                     log.warning("handler of probe %s raised %r", probe.label, exc)
-        if regs[self._pc] != addr:  # a handler redirected the thread: skip the instruction
+        if site.handlers and getpc(regs) != addr:
+            # a handler redirected the thread: skip the instruction
+            target.set_regs(tid, regs)
+            target.resume(tid)
+            return True
+        slot = site.boost_slot
+        if slot is not None and site.strategy is Strategy.BOOST:
+            setpc(regs, slot)
             target.set_regs(tid, regs)
             target.resume(tid)
             return True

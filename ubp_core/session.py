@@ -47,7 +47,8 @@ class TraceProbe:
     spec: ProbeSpec
     handler: Callable[[Hit], object] | None
     strategy: Strategy | None
-    hits: int = 0
+    #: hits in processes that are gone (the live ones are counted by their engines)
+    past_hits: int = 0
     enabled: bool = True
     attached: dict[int, Probe] = field(default_factory=dict)  # pid -> engine probe
     address: int | None = None  # where it was first armed
@@ -59,6 +60,16 @@ class TraceProbe:
     skipped: int = 0  # pattern matches that cannot be probed (refused instructions)
 
     label_override: str | None = None
+
+    @property
+    def hits(self) -> int:
+        return self.past_hits + sum(p.hits for p in self.attached.values() if p is not None)
+
+    def detach_from(self, pid: int) -> None:
+        """Forget the process (gone, exec'ed, released), keeping its hits."""
+        p = self.attached.pop(pid, None)
+        if p is not None:
+            self.past_hits += p.hits
 
     @property
     def label(self) -> str:
@@ -256,15 +267,9 @@ class Session:
         return True
 
     @staticmethod
-    def _dispatch(tp: TraceProbe) -> Callable[[Hit], None]:
-        user = tp.handler
-
-        def on_hit(hit: Hit) -> None:
-            tp.hits += 1
-            if user is not None:
-                user(hit)
-
-        return on_hit
+    def _dispatch(tp: TraceProbe) -> Callable[[Hit], object] | None:
+        # the engine counts hits per probe: the user's handler is called as it is
+        return tp.handler
 
     def _every(self, tp: TraceProbe | None = None) -> list[TraceProbe]:
         """Probes with engine attachments: plain ones and the expansions of patterns."""
@@ -291,7 +296,7 @@ class Session:
                 proc = self.processes.get(pid)
                 if proc is not None and p is not None:
                     proc.engine.remove_probe(p)
-            t.attached.clear()
+                t.detach_from(pid)
         if tp in self.probes:
             self.probes.remove(tp)
 
@@ -395,7 +400,7 @@ class Session:
                     if self._fatal is not None:
                         raise self._fatal
                     return self.exit_status
-                got = self.hub.next_stop(self._inline_owner())
+                got = self.hub.next_stop(self.hub.inline)
                 if got is None:
                     break
                 target, stop = got
@@ -404,12 +409,6 @@ class Session:
             self._emergency_cleanup()
             raise
         return self.exit_status
-
-    def _inline_owner(self) -> tuple[PtraceTarget, int] | None:
-        for proc in self.processes.values():
-            if proc.engine.inline_tid is not None:
-                return proc.target, proc.engine.inline_tid
-        return None
 
     def _handle(self, target: PtraceTarget, stop: Stop) -> None:
         proc = self.processes.get(target.pid)
@@ -549,7 +548,7 @@ class Session:
             proc.resolver.close()
             fresh = self._add_process(target)
         for tp in self._every():
-            tp.attached.pop(fresh.pid, None)
+            tp.detach_from(fresh.pid)
         try:
             new_arch = self.plugins.arch_for_elf(elf_ident_of(f"/proc/{fresh.pid}/exe"))
         except UbpError as exc:
@@ -574,7 +573,7 @@ class Session:
         proc.resolver.close()
         self.processes.pop(proc.pid, None)
         for tp in self._every():
-            tp.attached.pop(proc.pid, None)
+            tp.detach_from(proc.pid)
         if proc.pid == self.main_pid:
             self.exit_status = status
 

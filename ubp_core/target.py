@@ -54,6 +54,10 @@ class Target(ABC):
     """Memory, registers and execution control of something running ``arch`` code."""
 
     arch: ArchOps
+    #: True when the register files this target hands out also read and write
+    #: registers as attributes (``regs.rip``): the engine's hit path then avoids
+    #: the mapping protocol's method calls
+    regs_by_attribute: bool = False
 
     @abstractmethod
     def read_memory(self, address: int, size: int) -> bytes:

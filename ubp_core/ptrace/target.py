@@ -111,6 +111,8 @@ class Hub:
         self.targets: dict[int, PtraceTarget] = {}  # tid -> target
         self.orphans: dict[int, WaitStatus] = {}  # stops of tids not yet announced
         self.all: list[PtraceTarget] = []  # every target with threads or queued stops
+        #: (target, tid) of an inline step in flight: only its stops may come next
+        self.inline: tuple[PtraceTarget, int] | None = None
 
     def adopt(self, tid: int, target: PtraceTarget) -> None:
         self.targets[tid] = target
@@ -192,6 +194,8 @@ class Hub:
 
 class PtraceTarget(Target):
     """One traced process (all its threads)."""
+
+    regs_by_attribute = True  # UserRegs: a register is an attribute too (the fast way)
 
     def __init__(self, pid: int, arch: ArchOps, hub: Hub, *, spawned: bool) -> None:
         self.pid = pid
@@ -388,6 +392,7 @@ class PtraceTarget(Target):
         return other
 
     def stop_others(self, tid: int) -> None:
+        self.hub.inline = (self, tid)
         for other in list(self.threads_):
             if other == tid:
                 continue
@@ -405,6 +410,7 @@ class PtraceTarget(Target):
                 th.frozen = False  # its own stop keeps it stopped until handled
 
     def resume_others(self, tid: int) -> None:
+        self.hub.inline = None
         for th in list(self.threads_.values()):
             if th.frozen and th.stopped:
                 th.frozen = False
