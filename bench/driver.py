@@ -27,7 +27,7 @@ from ubp_core.session import Session
 
 
 def run_ubp(opts: dict, argv: list[str]) -> int:
-    s = Session.spawn(argv)
+    s = Session.spawn(argv, placement=opts.get("placement", "off"))
     counter = [0]
 
     def count(hit):

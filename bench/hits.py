@@ -9,7 +9,9 @@ Two sites: ``push`` (a function starting with push %rbp, which Linux uprobes emu
 and ``lea`` (one starting with lea, which Linux uprobes must single-step).  Every row
 runs pinned (tracer and program on CPU 0: taskset -c 0) and unpinned.
 
-Rows: each UBP strategy with a no-op and with a counting handler; a minimal Python
+Rows: each UBP strategy with a no-op and with a counting handler (UBP's own CPU
+placement off, so the pinned/unpinned columns show what it is worth), and boost with
+the default placement (auto); a minimal Python
 ctypes tracer with one stop per hit (boost-like) and with two (step-like); Linux uprobes
 through perf (skipped where perf/tracefs are missing); GDB with a silent breakpoint.
 """
@@ -104,6 +106,8 @@ ROWS = [
     ("ubp ssol, no-op handler", "ubp", {"strategy": "ssol", "handler": "noop"}),
     ("ubp ssol, counting", "ubp", {"strategy": "ssol", "handler": "count"}),
     ("ubp inline, no-op handler", "ubp", {"strategy": "inline", "handler": "noop"}),
+    ("ubp boost, no-op, --placement auto", "ubp",
+     {"strategy": "boost", "handler": "noop", "placement": "auto"}),
     ("minimal ctypes loop, 1 stop", "minimal", {"stops": 1}),
     ("minimal ctypes loop, 2 stops", "minimal", {"stops": 2}),
     ("Linux uprobes (perf)", "uprobes", {}),

@@ -20,6 +20,7 @@ from .archops import ArchOps
 from .elfinfo import elf_ident_of
 from .engine import Engine, Hit, Probe
 from .errors import MemoryFault, ProbeError, TargetError, UbpError
+from .placement import Placement
 from .plugins import PluginSet, default_plugins
 from .ptrace import sys as pt
 from .ptrace.process import spawn_traced
@@ -105,12 +106,14 @@ class Session:
     """Trace one program and its children."""
 
     def __init__(self, hub: Hub, arch: ArchOps, *, follow_forks: bool = True,
-                 plugins: PluginSet | None = None, inline_freeze: bool = True) -> None:
+                 plugins: PluginSet | None = None, inline_freeze: bool = True,
+                 placement: str = "auto") -> None:
         self.hub = hub
         self.arch = arch
         self.plugins = plugins or default_plugins()
         self.follow_forks = follow_forks
         self.inline_freeze = inline_freeze
+        self.placement = Placement(placement)
         self.processes: dict[int, Process] = {}
         self.probes: list[TraceProbe] = []
         self.main_pid: int | None = None
@@ -384,6 +387,9 @@ class Session:
         """Run the program until it exits (or :meth:`stop`, or ``timeout`` seconds);
         returns its wait status (None when detached before it ended)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        main = self.processes.get(self.main_pid) if self.main_pid else None
+        if main is not None and not self.placement.active:
+            self.placement.start(main.target.threads())
         for proc in list(self.processes.values()):
             if not proc.started:
                 self._start_process(proc)
@@ -443,6 +449,7 @@ class Session:
             child = stop.data
             if _shares_memory(target.pid, child, proc):
                 target.add_thread(child)
+                self.placement.thread_started(child)
             else:
                 self._new_child(proc, child, shared=False)
         elif ev == "fork":
@@ -576,10 +583,12 @@ class Session:
             tp.detach_from(proc.pid)
         if proc.pid == self.main_pid:
             self.exit_status = status
+            self.placement.stop()
 
     # ------------------------------------------------------------------ leaving
     def detach(self) -> None:
         """Take every breakpoint out and let every traced process go on running."""
+        self.placement.stop()
         for proc in list(self.processes.values()):
             try:
                 self._detach_process(proc)
@@ -623,6 +632,7 @@ class Session:
 
     def _emergency_cleanup(self) -> None:
         """Something went wrong in the loop (or Ctrl-C): restore and detach what we can."""
+        self.placement.stop()
         for proc in list(self.processes.values()):
             try:
                 self._detach_process(proc)

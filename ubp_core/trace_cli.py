@@ -36,6 +36,10 @@ def add_parser(sub) -> None:
     a.add_argument("--no-freeze", action="store_true",
                    help="inline strategy: do not stop other threads while the breakpoint "
                         "is out (they then run past it unseen; shown for comparison)")
+    a.add_argument("--placement", choices=["auto", "pin", "off"], default="auto",
+                   help="CPU placement: auto pins UBP and a single-threaded program to one "
+                        "CPU (a hit costs several times more across CPUs) and undoes it "
+                        "when the program starts a thread; pin: always; off: never")
     a.add_argument("--duration", type=float, metavar="SECONDS",
                    help="detach after this long (with -p) / stop tracing")
     a.set_defaults(func=run_trace)
@@ -66,7 +70,7 @@ def run_trace(args: argparse.Namespace) -> int:
 
 def _trace(args: argparse.Namespace, command: list[str], out: TextIO) -> int:
     kw = {"follow_forks": not args.no_follow, "exitkill": args.exitkill,
-          "inline_freeze": not args.no_freeze}
+          "inline_freeze": not args.no_freeze, "placement": args.placement}
     holder: list[Session] = []
     requested = []
 
