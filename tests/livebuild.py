@@ -11,7 +11,7 @@ import pytest
 SRC = os.path.join(os.path.dirname(__file__), "progs", "live")
 PROGRAMS = {
     "threads": ["-lpthread"], "forks": [], "signals": ["-lpthread"], "faults": [],
-    "dlo": ["-ldl"], "spin": ["-lpthread"],
+    "dlo": ["-ldl"], "spin": ["-lpthread"], "returns": ["-lpthread"],
 }
 
 

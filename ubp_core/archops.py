@@ -172,6 +172,28 @@ class ArchOps(ABC):
         raw = read(regs[self.abi.sp], self.word_bits // 8)
         return int.from_bytes(raw, self.byteorder)
 
+    def hijack_return(self, regs: Regs, new: int) -> Effect:
+        """At a function's entry: make it return to ``new`` (a return probe's trampoline).
+
+        The default covers the two conventions: the link register named by
+        ``abi.return_address``, or a word at the stack pointer (pushed by the call)."""
+        if self.abi.return_address:
+            return Effect(regs={self.abi.return_address: new})
+        raw = new.to_bytes(self.word_bits // 8, self.byteorder)
+        return Effect(mem=[(regs[self.abi.sp], raw)])
+
+    def sp_after_return(self, regs: Regs) -> int:
+        """The stack pointer right after the function returns, from its entry registers.
+
+        Return probes match returns to calls with it (and drop the frames a longjmp or an
+        exception skipped).  Default: the call's pushed word is popped, or nothing is."""
+        sp = regs[self.abi.sp]
+        return sp if self.abi.return_address else sp + self.word_bits // 8
+
+    def return_value(self, regs: Regs) -> int:
+        """A function's (integer) return value at its return."""
+        return regs[self.abi.retval]
+
     # ------------------------------------------------------------------ reference CPUs
     def unicorn_spec(self) -> UnicornSpec | None:
         """How to run this arch on unicorn, or None when unicorn cannot."""

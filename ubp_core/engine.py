@@ -14,6 +14,7 @@ import itertools
 import logging
 import operator
 import signal as _signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 from . import policy
 from .archops import ArchOps
 from .errors import MemoryFault, ProbeError, RefusedError, TargetError
+from .returns import ReturnProbe, Returns, hijack
 from .target import Stop, StopKind, Target
 from .types import Analysis, Effect, Regs, Strategy, XolStep
 from .xol import XolAllocator
@@ -37,11 +39,12 @@ class Hit:
     the pc elsewhere skips the probed instruction.
     """
 
-    __slots__ = ("engine", "probe", "regs", "tid")
+    __slots__ = ("engine", "frame", "probe", "regs", "tid")
 
     def __init__(self, engine: Engine, tid: int, probe: Probe, regs: Regs) -> None:
         self.engine = engine
         self.tid = tid
+        self.frame = None  # a return probe's call (see ubp_core.returns)
         self.probe = probe
         self.regs = regs
 
@@ -66,7 +69,17 @@ class Hit:
 
     @property
     def retval(self) -> int:
-        return self.regs[self.engine.arch.abi.retval]
+        return self.engine.arch.return_value(self.regs)
+
+    @property
+    def duration(self) -> float | None:
+        """At a return probe: seconds since the call's entry."""
+        return None if self.frame is None else (time.monotonic_ns() - self.frame.t0) / 1e9
+
+    @property
+    def call_args(self) -> tuple[int, ...]:
+        """At a return probe: the integer arguments the call was made with."""
+        return () if self.frame is None else self.frame.args
 
     @property
     def return_address(self) -> int:
@@ -107,6 +120,7 @@ class Probe:
     enabled: bool = True
     hits: int = 0
     site: Site | None = field(default=None, repr=False)
+    returns: ReturnProbe | None = field(default=None, repr=False)  # entry of a return probe
 
     @property
     def strategy(self) -> Strategy | None:
@@ -177,6 +191,8 @@ class Engine:
         #: the thread whose inline step is in flight: until it is over, only its stops
         #: may be handled (the breakpoint is out and the others are held)
         self.inline_tid: int | None = None
+        self.returns = Returns(self)
+        self.cloned: dict[int, object] = {}
         self._ids = itertools.count(1)
         self._slot_code: dict[int, bytes] = {}
         self._pc = self.arch.abi.pc
@@ -320,18 +336,43 @@ class Engine:
             site.inserted = False
             self.removed[site.address] = site.analysis.insn.length
 
+    def add_return_probe(self, address: int, handler: Handler | None = None, *,
+                         strategy: Strategy | str | None = None,
+                         label: str | None = None) -> ReturnProbe:
+        """Run ``handler`` at every return of the function whose entry is ``address``.
+
+        The handler's Hit has ``retval``, ``duration`` and ``call_args``.  Raises like
+        :meth:`add_probe` when the entry cannot be probed."""
+        rp = ReturnProbe(next(self._ids), address, handler, label or f"{address:#x}%return")
+        entry = self.add_probe(address, hijack, strategy=strategy, label=rp.label)
+        entry.returns = rp
+        rp.entry = entry
+        self.returns.probes.append(rp)
+        return rp
+
     def enable(self, probe: Probe) -> None:
         probe.enabled = True
+        if isinstance(probe, ReturnProbe):
+            probe = probe.entry
+            probe.enabled = True
         if probe.site:
             probe.site.refresh()
 
     def disable(self, probe: Probe) -> None:
         """Stop calling the handler; the breakpoint stays while other probes share it."""
         probe.enabled = False
+        if isinstance(probe, ReturnProbe):
+            probe = probe.entry
+            probe.enabled = False
         if probe.site:
             probe.site.refresh()
 
     def remove_probe(self, probe: Probe) -> None:
+        if isinstance(probe, ReturnProbe):
+            probe.removed = True  # calls in flight still return through the trampoline
+            if probe.entry is not None:
+                self.remove_probe(probe.entry)
+            return
         site = probe.site
         self.probes.pop(probe.id, None)
         if site is None:
@@ -383,6 +424,7 @@ class Engine:
         return ts is not None and (ts.step is not None or ts.boost_step)
 
     def forget_thread(self, tid: int) -> None:
+        self.returns.forget_thread(tid)
         ts = self.threads.pop(tid, None)
         if ts is not None and ts.step is not None:
             self._end_step(tid, ts, resume=False)
@@ -395,6 +437,8 @@ class Engine:
         getpc, setpc = self._getpc, self._setpc
         addr = getpc(regs) - self._pc_after
         site = self.sites.get(addr)
+        if site is None and addr == self.returns.tramp:
+            return self.returns.on_trampoline(tid, regs)
         if site is None or not site.inserted:
             if addr in self.removed:
                 # the breakpoint went away while this thread was trapping on it
@@ -606,22 +650,37 @@ class Engine:
         return False
 
     # ------------------------------------------------------------------ processes
-    def clone_for(self, target: Target) -> Engine:
+    def clone_for(self, target: Target, forking_tid: int | None = None) -> Engine:
         """The same probes in a forked copy of the address space (breakpoints, XOL
-        areas and boost slots are already there: fork copied them)."""
+        areas, boost slots and hijacked return addresses are already there: fork copied
+        them).  ``twin.cloned`` maps id(original probe) -> its copy."""
         in_flight = {ts.step.slot for ts in self.threads.values() if ts.step is not None}
         twin = Engine(target, self.arch, xol=self.xol.clone_for(target, in_flight),
                       handler_errors=self.handler_errors, inline_freeze=self.inline_freeze)
+        mapping: dict[int, object] = {}
+        for rp in self.returns.probes:
+            copy_rp = ReturnProbe(next(twin._ids), rp.address, rp.handler, rp.label,
+                                  rp.enabled, removed=rp.removed)
+            mapping[id(rp)] = copy_rp
+            twin.returns.probes.append(copy_rp)
         for addr, site in self.sites.items():
             copy = Site(site.address, site.original, site.analysis, site.strategy,
                         boost_slot=site.boost_slot, inserted=site.inserted)
             for p in site.probes:
                 q = Probe(next(twin._ids), p.address, p.handler, p.requested, p.label,
                           p.enabled, site=copy)
+                if p.returns is not None:
+                    q.returns = mapping[id(p.returns)]
+                    q.returns.entry = q
+                mapping[id(p)] = q
                 copy.probes.append(q)
                 twin.probes[q.id] = q
             copy.refresh()
             twin.sites[addr] = copy
+        twin.returns.tramp = self.returns.tramp
+        if forking_tid is not None:
+            twin.returns.copy_thread(self.returns, forking_tid, target.pid, mapping)
+        twin.cloned = mapping
         twin.boost_slots = {slot: twin.sites.get(site.address, site)
                             for slot, site in self.boost_slots.items()}
         twin.removed = dict(self.removed)

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from .archops import ArchOps
 from .elfinfo import elf_ident_of
 from .engine import Engine, Hit, Probe
-from .errors import MemoryFault, ProbeError, TargetError, UbpError
+from .errors import MemoryFault, TargetError, UbpError
 from .placement import Placement
 from .plugins import PluginSet, default_plugins
 from .ptrace import sys as pt
@@ -107,7 +108,7 @@ class Session:
 
     def __init__(self, hub: Hub, arch: ArchOps, *, follow_forks: bool = True,
                  plugins: PluginSet | None = None, inline_freeze: bool = True,
-                 placement: str = "auto") -> None:
+                 placement: str = "off") -> None:
         self.hub = hub
         self.arch = arch
         self.plugins = plugins or default_plugins()
@@ -200,8 +201,6 @@ class Session:
         is then left untouched.
         """
         ps = spec if isinstance(spec, ProbeSpec) else parse_spec(spec)
-        if ps.ret:
-            raise ProbeError(f"probe {ps.text!r}: return probes are not supported yet")
         tp = TraceProbe(ps, handler, Strategy(strategy) if strategy else None)
         for proc in list(self.processes.values()):
             self._arm(proc, tp, final=self._final(proc))
@@ -221,10 +220,16 @@ class Session:
             where = proc.resolver.resolve(tp.spec, final=final)
         except NotYet:
             return False
-        probe = proc.engine.add_probe(where.address, self._dispatch(tp),
-                                      strategy=tp.strategy, label=tp.spec.text)
-        probe.enabled = tp.enabled
-        probe.site.refresh()
+        if tp.spec.ret:
+            probe = proc.engine.add_return_probe(where.address, self._dispatch(tp),
+                                                 strategy=tp.strategy, label=tp.spec.text)
+            if not tp.enabled:
+                proc.engine.disable(probe)
+        else:
+            probe = proc.engine.add_probe(where.address, self._dispatch(tp),
+                                          strategy=tp.strategy, label=tp.spec.text)
+            probe.enabled = tp.enabled
+            probe.site.refresh()
         tp.attached[proc.pid] = probe
         if tp.address is None:
             tp.address, tp.module, tp.chosen = where.address, where.module, probe.strategy
@@ -330,12 +335,18 @@ class Session:
             if addr is None:
                 continue
             proc.r_debug = mod.runtime(rdebug, code=False) if rdebug else None
-            p = proc.engine.add_probe(addr, lambda hit, proc=proc: self._on_rbrk(proc, hit),
-                                      label="<dynamic linker>")
+            p = proc.engine.add_probe(addr, self._rbrk_hit, label="<dynamic linker>")
             proc.internal.append(p)
             return
         # a static program: everything is there from the start
         proc.startup_done = True
+
+    def _rbrk_hit(self, hit: Hit) -> None:
+        # by engine, not by closure: a forked child's copy of this probe is its own
+        for proc in self.processes.values():
+            if proc.engine is hit.engine:
+                self._on_rbrk(proc, hit)
+                return
 
     def _r_state(self, proc: Process) -> int:
         if proc.r_debug is None:
@@ -387,6 +398,7 @@ class Session:
         """Run the program until it exits (or :meth:`stop`, or ``timeout`` seconds);
         returns its wait status (None when detached before it ended)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        alarm = self._arm_deadline(timeout)
         main = self.processes.get(self.main_pid) if self.main_pid else None
         if main is not None and not self.placement.active:
             self.placement.start(main.target.threads())
@@ -414,7 +426,27 @@ class Session:
         except BaseException:
             self._emergency_cleanup()
             raise
+        finally:
+            if alarm is not None:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, alarm)
         return self.exit_status
+
+    def _arm_deadline(self, timeout: float | None):
+        """A program that makes no stop (asleep in a syscall) must still be let go on
+        time: SIGALRM interrupts the wait.  Only where the alarm is free (main thread,
+        no handler of the caller's); elsewhere the deadline is checked at each stop."""
+        if (timeout is None or threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGALRM) not in (signal.SIG_DFL, None)):
+            return None
+
+        def expire(signum, frame) -> None:
+            self._stop_requested = True
+            self.hub.wake()
+
+        old = signal.signal(signal.SIGALRM, expire)
+        signal.setitimer(signal.ITIMER_REAL, max(timeout, 1e-3))
+        return old
 
     def _handle(self, target: PtraceTarget, stop: Stop) -> None:
         proc = self.processes.get(target.pid)
@@ -451,9 +483,10 @@ class Session:
                 target.add_thread(child)
                 self.placement.thread_started(child)
             else:
-                self._new_child(proc, child, shared=False)
+                self._new_child(proc, child, shared=False, forking_tid=tid)
         elif ev == "fork":
-            self._new_child(proc, stop.data, shared=_shares_memory(target.pid, stop.data, proc))
+            self._new_child(proc, stop.data, shared=_shares_memory(target.pid, stop.data, proc),
+                            forking_tid=tid)
         elif ev == "vfork":
             self._new_child(proc, stop.data, shared=True)
         elif ev == "exec":
@@ -470,7 +503,8 @@ class Session:
         # system call stepped out of line reports its events mid-step: keep stepping.
         target.resume(tid, step=proc.engine.stepping(tid))
 
-    def _new_child(self, parent: Process, child: int, shared: bool) -> None:
+    def _new_child(self, parent: Process, child: int, shared: bool,
+                   forking_tid: int | None = None) -> None:
         if shared:
             # a vfork child runs in its parent's memory, breakpoints and XOL area
             # included: handle it as one more thread of the parent until it execs
@@ -482,7 +516,7 @@ class Session:
             return
         target = PtraceTarget(child, self.arch, self.hub, spawned=False)
         target.add_thread(child)
-        engine = parent.engine.clone_for(target)
+        engine = parent.engine.clone_for(target, forking_tid)
         proc = self._add_process(target, engine)
         proc.started = True
         proc.startup_done = parent.startup_done
@@ -495,10 +529,8 @@ class Session:
             if tp.spec.is_glob and not tp.children.get(tp.label) and parent.pid in tp.attached:
                 tp.attached[child] = None  # type: ignore[assignment]
             old = tp.attached.get(parent.pid)
-            if old is not None:
-                site = engine.sites.get(old.address)
-                if site is not None:
-                    tp.attached[child] = next(q for q in site.probes if q.label == old.label)
+            if old is not None and id(old) in engine.cloned:
+                tp.attached[child] = engine.cloned[id(old)]
 
     def _clean_and_release(self, parent: Process, child: int) -> None:
         """Not following: put the original bytes back in the child, then let it go."""
@@ -627,6 +659,7 @@ class Session:
                     busy = True
             if not busy:
                 break
+        engine.returns.restore()
         engine.leave_xol()
         target.detach_all(pending)
 

@@ -11,6 +11,11 @@
 
 A SYMBOL may be a shell-style pattern (``libc:str*``, ``prog:*``): one probe on the
 entry of every matching function.
+
+Typed fields may follow, separated by spaces: ``libc:open path:str flags:i32`` names the
+first arguments in order; at a return probe ``ret:TYPE`` is the return value.  Types:
+u8 u16 u32 u64 i8 i16 i32 i64 (integers), x (hex), str or str[N] (a NUL-terminated
+string read from the target, at most N bytes, 256 by default).
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ class ProbeSpec:
     offset: int  # added to the symbol; or the address itself when symbol is None
     absolute: bool  # 0xADDRESS: a run-time address, no module
     ret: bool = False  # SYMBOL%return
+    #: typed fields to show: (name, type) -- arguments in order, or "ret" at a return
+    fields: tuple[tuple[str, str], ...] = ()
 
     def __str__(self) -> str:
         return self.text
@@ -64,10 +71,32 @@ def _number(text: str, what: str, spec: str) -> int:
                          "(use decimal or 0x-prefixed hex)") from None
 
 
+FIELD_TYPES = ("u8", "u16", "u32", "u64", "i8", "i16", "i32", "i64", "x", "str")
+_FIELD = re.compile(r"^([A-Za-z_]\w*):(u8|u16|u32|u64|i8|i16|i32|i64|x|str(?:\[(\d+)\])?)$")
+
+
+def _fields(text: str, items: list[str]) -> tuple[tuple[str, str], ...]:
+    out = []
+    for item in items:
+        m = _FIELD.match(item)
+        if not m:
+            raise ProbeError(f"probe {text!r}: field {item!r} is not NAME:TYPE with TYPE one "
+                             f"of {', '.join(FIELD_TYPES)} (str[N] for a bound)")
+        out.append((m.group(1), m.group(2)))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise ProbeError(f"probe {text!r}: a field name is given twice")
+    return tuple(out)
+
+
 def parse_spec(text: str) -> ProbeSpec:
     spec = text.strip()
     if not spec:
         raise ProbeError("empty probe spec")
+    words = spec.split()
+    location, fields = words[0], words[1:]
+    spec = location
+    typed = _fields(text, fields) if fields else ()
     body, ret = spec, False
     if body.endswith("%return"):
         body, ret = body[: -len("%return")], True
@@ -80,7 +109,7 @@ def parse_spec(text: str) -> ProbeSpec:
         value = _number(rest, "address", text)
         if ret:
             raise ProbeError(f"probe {text!r}: %return needs a function name, not an address")
-        return ProbeSpec(text, module, None, value, absolute=module is None)
+        return ProbeSpec(text, module, None, value, absolute=module is None, fields=typed)
     symbol, plus, off = rest.partition("+")
     offset = _number(off, "offset", text) if plus else 0
     if offset < 0:
@@ -89,4 +118,6 @@ def parse_spec(text: str) -> ProbeSpec:
         raise ProbeError(f"probe {text!r}: {symbol!r} is not a symbol name")
     if ret and offset:
         raise ProbeError(f"probe {text!r}: %return applies to a function entry, not +offset")
-    return ProbeSpec(text, module, symbol, offset, absolute=False, ret=ret)
+    if typed and not ret and any(n in ("ret", "retval") for n, _ in typed):
+        raise ProbeError(f"probe {text!r}: a return value field needs SYMBOL%return")
+    return ProbeSpec(text, module, symbol, offset, absolute=False, ret=ret, fields=typed)

@@ -12,7 +12,9 @@ from typing import TextIO
 
 from .engine import Hit
 from .errors import UbpError
+from .fetch import fields
 from .session import Session, TraceProbe
+from .spec import parse_spec
 
 
 def add_parser(sub) -> None:
@@ -103,10 +105,12 @@ def _trace_session(args, command, out, kw, holder, requested) -> int:
     if requested:
         session.stop()
     start = time.monotonic()
-    handler = None if args.count or args.json else _printer(out, start)
+    quiet = args.count or args.json
     probes: list[TraceProbe] = []
     try:
-        for spec in args.probes:
+        for text in args.probes:
+            spec = parse_spec(text)
+            handler = None if quiet else _printer(out, start, spec)
             probes.append(session.probe(spec, handler, strategy=args.strategy))
     except UbpError as exc:
         print(f"ubp: {exc}", file=sys.stderr)
@@ -166,10 +170,18 @@ def _exit_code(status: int | None) -> int | None:
     return None
 
 
-def _printer(out: TextIO, start: float):
+def _printer(out: TextIO, start: float, spec):
     def on_hit(hit: Hit) -> None:
-        args = " ".join(f"{a:#x}" for a in hit.args[:3])
-        out.write(f"{time.monotonic() - start:12.6f} {hit.tid:>7} {hit.probe.label} {args}\n")
+        if spec.fields:
+            shown = " ".join(f"{k}={v!r}" if isinstance(v, str) and not v.startswith("0x")
+                             else f"{k}={v}" for k, v in fields(spec, hit).items())
+        elif hit.frame is not None:
+            shown = f"ret={hit.retval:#x}"
+        else:
+            shown = " ".join(f"{a:#x}" for a in hit.args[:3])
+        if hit.frame is not None:
+            shown += f" duration={hit.duration * 1e6:.1f}us"
+        out.write(f"{time.monotonic() - start:12.6f} {hit.tid:>7} {hit.probe.label} {shown}\n")
 
     return on_hit
 
