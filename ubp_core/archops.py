@@ -194,6 +194,30 @@ class ArchOps(ABC):
         """A function's (integer) return value at its return."""
         return regs[self.abi.retval]
 
+    # ------------------------------------------------------------------ trap-free probes
+    #: bytes a jump from a probe site to a trampoline needs; None: this arch has no
+    #: trap-free probes (the core then uses trap probes)
+    fast_jump_size: int | None = None
+
+    def branch_targets(self, analysis: Analysis) -> tuple[int, ...] | None:
+        """Addresses this instruction may transfer control to (direct branches and
+        calls), or None when they are unknown (an indirect jump that may be a jump
+        table).  Trap-free probes use it to prove nothing jumps into a patched range."""
+        return None
+
+    def counting_trampoline(self, analyses: Sequence[Analysis], tramp: int,
+                            counter: int) -> bytes | str:
+        """Code placed at ``tramp``: add one to the word at ``counter`` atomically, run
+        the instructions of ``analyses`` (consecutive, from the site; together at least
+        ``fast_jump_size`` bytes) relocated, then jump to the instruction after them.
+        Return a reason string when these instructions cannot be relocated."""
+        return f"{self.name} has no trap-free probes"
+
+    def jump_patch(self, site: int, tramp: int, length: int) -> bytes | None:
+        """``length`` bytes for the site: a jump to ``tramp`` then filler that is never
+        executed; None when ``tramp`` is out of the jump's reach."""
+        return None
+
     # ------------------------------------------------------------------ reference CPUs
     def unicorn_spec(self) -> UnicornSpec | None:
         """How to run this arch on unicorn, or None when unicorn cannot."""

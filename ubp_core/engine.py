@@ -22,6 +22,7 @@ from typing import Any
 from . import policy
 from .archops import ArchOps
 from .errors import MemoryFault, ProbeError, RefusedError, TargetError
+from .fastcount import FastPatcher
 from .returns import ReturnProbe, Returns, hijack
 from .target import Stop, StopKind, Target
 from .types import Analysis, Effect, Regs, Strategy, XolStep
@@ -192,6 +193,8 @@ class Engine:
         #: may be handled (the breakpoint is out and the others are held)
         self.inline_tid: int | None = None
         self.returns = Returns(self)
+        #: trap-free counting sites (ubp_core.fastcount), made on first use
+        self.fast: FastPatcher | None = None
         self.cloned: dict[int, object] = {}
         self._ids = itertools.count(1)
         self._slot_code: dict[int, bytes] = {}
@@ -227,6 +230,8 @@ class Engine:
             hi = min(site.address + len(site.original), address + len(code))
             for a in range(lo, hi):
                 code[a - address] = site.original[a - site.address]
+        if self.fast is not None:
+            self.fast.hide(address, code)
         return bytes(code)
 
     def analyze(self, address: int) -> Analysis:
@@ -274,6 +279,11 @@ class Engine:
         return probe
 
     def _check_overlap(self, address: int) -> None:
+        if self.fast is not None:
+            fs = self.fast.overlapping(address, address + 1)
+            if fs is not None:
+                raise ProbeError(f"{address:#x} is inside the trap-free probe at "
+                                 f"{fs.address:#x} ({fs.text})")
         for site in self.sites.values():
             if site.address < address < site.end:
                 raise ProbeError(
@@ -395,6 +405,11 @@ class Engine:
                 errors.append(exc)
         self.sites.clear()
         self.probes.clear()
+        if self.fast is not None:
+            try:
+                self.fast.remove_all()
+            except Exception as exc:
+                errors.append(exc)
         if errors:
             raise TargetError(f"could not restore {len(errors)} breakpoint(s): {errors[0]}")
 
@@ -681,6 +696,8 @@ class Engine:
         if forking_tid is not None:
             twin.returns.copy_thread(self.returns, forking_tid, target.pid, mapping)
         twin.cloned = mapping
+        if self.fast is not None:
+            twin.fast = self.fast.clone_for(twin)
         twin.boost_slots = {slot: twin.sites.get(site.address, site)
                             for slot, site in self.boost_slots.items()}
         twin.removed = dict(self.removed)

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from .archops import ArchOps
 from .elfinfo import elf_ident_of
 from .engine import Engine, Hit, Probe
-from .errors import MemoryFault, TargetError, UbpError
+from .errors import MemoryFault, ProbeError, TargetError, UbpError
+from .fastcount import FastPatcher, FastRefused, FastSite, SharedCounters
 from .placement import Placement
 from .plugins import PluginSet, default_plugins
 from .ptrace import sys as pt
@@ -62,10 +63,26 @@ class TraceProbe:
     skipped: int = 0  # pattern matches that cannot be probed (refused instructions)
 
     label_override: str | None = None
+    #: trap-free counting asked for (ubp_core.fastcount): its shared counter, and why a
+    #: process had to use a trap probe instead
+    fast: bool = False
+    counters: SharedCounters | None = field(default=None, repr=False)
+    counter: int | None = None
+    fast_note: str | None = None
+    fast_sites: int = 0  # processes in which it went in trap-free
 
     @property
     def hits(self) -> int:
-        return self.past_hits + sum(p.hits for p in self.attached.values() if p is not None)
+        n = self.past_hits + sum(p.hits for p in self.attached.values() if p is not None)
+        if self.counter is not None and self.counters is not None:
+            n += self.counters.value(self.counter)
+        return n
+
+    @property
+    def strategy_name(self) -> str | None:
+        if self.fast_sites:
+            return "trap-free"
+        return self.chosen.value if self.chosen else None
 
     def detach_from(self, pid: int) -> None:
         """Forget the process (gone, exec'ed, released), keeping its hits."""
@@ -83,8 +100,9 @@ class TraceProbe:
 
     def as_dict(self) -> dict:
         return {"spec": self.label, "address": self.address,
-                "strategy": self.chosen.value if self.chosen else None, "hits": self.hits,
-                **({"error": self.error} if self.error else {})}
+                "strategy": self.strategy_name, "hits": self.hits,
+                **({"error": self.error} if self.error else {}),
+                **({"fast_refused": self.fast_note} if self.fast_note else {})}
 
 
 @dataclass(eq=False)
@@ -117,6 +135,8 @@ class Session:
         self.placement = Placement(placement)
         self.processes: dict[int, Process] = {}
         self.probes: list[TraceProbe] = []
+        #: trap-free probes' counters, shared with the programs (made on first use)
+        self.counters: SharedCounters | None = None
         self.main_pid: int | None = None
         self.exit_status: int | None = None
         self.spawned = False
@@ -193,15 +213,22 @@ class Session:
 
     # ------------------------------------------------------------------ probes
     def probe(self, spec: str | ProbeSpec, handler: Callable[[Hit], object] | None = None, *,
-              strategy: Strategy | str | None = None) -> TraceProbe:
+              strategy: Strategy | str | None = None, fast: bool = False) -> TraceProbe:
         """Add a probe; it is armed in every traced process that has (or loads) it.
 
         Raises ProbeError/RefusedError at once when the spec is malformed, names
         something that cannot exist, or an instruction that cannot be probed; the target
         is then left untouched.
+
+        ``fast``: a trap-free counting probe (no handler: the program counts its own
+        hits in memory shared with UBP, see ubp_core.fastcount).  Where a site cannot
+        take one, a trap probe counts instead and ``fast_note`` says why.
         """
         ps = spec if isinstance(spec, ProbeSpec) else parse_spec(spec)
-        tp = TraceProbe(ps, handler, Strategy(strategy) if strategy else None)
+        if fast and (handler is not None or ps.ret or strategy is not None or ps.fields):
+            raise ProbeError(f"probe {ps.text!r}: a trap-free probe only counts entries "
+                             "(no handler, no %return, no fields, no strategy)")
+        tp = TraceProbe(ps, handler, Strategy(strategy) if strategy else None, fast=fast)
         for proc in list(self.processes.values()):
             self._arm(proc, tp, final=self._final(proc))
         self.probes.append(tp)
@@ -220,7 +247,9 @@ class Session:
             where = proc.resolver.resolve(tp.spec, final=final)
         except NotYet:
             return False
-        if tp.spec.ret:
+        if tp.fast:
+            probe = self._add_fast(proc, tp, where.address, tp.spec.text)
+        elif tp.spec.ret:
             probe = proc.engine.add_return_probe(where.address, self._dispatch(tp),
                                                  strategy=tp.strategy, label=tp.spec.text)
             if not tp.enabled:
@@ -232,7 +261,8 @@ class Session:
             probe.site.refresh()
         tp.attached[proc.pid] = probe
         if tp.address is None:
-            tp.address, tp.module, tp.chosen = where.address, where.module, probe.strategy
+            tp.address, tp.module = where.address, where.module
+            tp.chosen = None if isinstance(probe, FastSite) else probe.strategy
         return True
 
     def _arm_glob(self, proc: Process, tp: TraceProbe) -> bool:
@@ -253,26 +283,47 @@ class Session:
             child = tp.children.get(name)
             if child is None:
                 child = TraceProbe(parse_spec(name) if _plain(name) else tp.spec, tp.handler,
-                                   tp.strategy)
+                                   tp.strategy, fast=tp.fast)
                 child.label_override = name
                 tp.children[name] = child
             if proc.pid in child.attached:
                 continue
             try:
-                probe = proc.engine.add_probe(where.address, self._dispatch(child),
-                                              strategy=tp.strategy, label=name)
+                if tp.fast:
+                    probe = self._add_fast(proc, child, where.address, name)
+                else:
+                    probe = proc.engine.add_probe(where.address, self._dispatch(child),
+                                                  strategy=tp.strategy, label=name)
+                    probe.enabled = tp.enabled
+                    probe.site.refresh()
             except UbpError as exc:
                 child.error = str(exc)
                 tp.skipped += 1
                 continue
-            probe.enabled = tp.enabled
-            probe.site.refresh()
             child.attached[proc.pid] = probe
             if child.address is None:
-                child.address, child.module, child.chosen = (
-                    where.address, where.module, probe.strategy)
+                child.address, child.module = where.address, where.module
+                child.chosen = None if isinstance(probe, FastSite) else probe.strategy
         tp.attached[proc.pid] = None  # type: ignore[assignment]
         return True
+
+    def _add_fast(self, proc: Process, tp: TraceProbe, address: int, label: str):
+        """A trap-free counting site, or a handler-less trap probe (and the reason)."""
+        try:
+            if self.counters is None:
+                self.counters = SharedCounters(self.arch.byteorder, self.arch.word_bits // 8)
+            if tp.counter is None:
+                tp.counters, tp.counter = self.counters, self.counters.alloc()
+            engine = proc.engine
+            if engine.fast is None:
+                engine.fast = FastPatcher(engine, self.counters)
+            site = engine.fast.install(address, proc.resolver.function_at(address), tp.counter)
+            tp.fast_sites += 1
+            return site
+        except FastRefused as exc:
+            tp.fast_note = str(exc)
+        probe = proc.engine.add_probe(address, None, label=label)
+        return probe
 
     @staticmethod
     def _dispatch(tp: TraceProbe) -> Callable[[Hit], object] | None:
@@ -285,6 +336,9 @@ class Session:
         return [t for top in tps for t in ([top, *list(top.children.values())])]
 
     def enable(self, tp: TraceProbe) -> None:
+        if tp.fast:
+            raise ProbeError(f"probe {tp.spec.text!r} is trap-free: it cannot be "
+                             "enabled, only removed")
         for t in self._every(tp):
             t.enabled = True
             for pid, p in t.attached.items():
@@ -292,6 +346,9 @@ class Session:
                     self.processes[pid].engine.enable(p)
 
     def disable(self, tp: TraceProbe) -> None:
+        if tp.fast:
+            raise ProbeError(f"probe {tp.spec.text!r} is trap-free: it cannot be "
+                             "disabled, only removed")
         for t in self._every(tp):
             t.enabled = False
             for pid, p in t.attached.items():
@@ -302,7 +359,9 @@ class Session:
         for t in self._every(tp):
             for pid, p in list(t.attached.items()):
                 proc = self.processes.get(pid)
-                if proc is not None and p is not None:
+                if proc is not None and isinstance(p, FastSite):
+                    proc.engine.fast.remove(p)
+                elif proc is not None and p is not None:
                     proc.engine.remove_probe(p)
                 t.detach_from(pid)
         if tp in self.probes:
@@ -531,6 +590,8 @@ class Session:
             old = tp.attached.get(parent.pid)
             if old is not None and id(old) in engine.cloned:
                 tp.attached[child] = engine.cloned[id(old)]
+            elif isinstance(old, FastSite) and engine.fast is not None:
+                tp.attached[child] = engine.fast.sites.get(old.address, old)
 
     def _clean_and_release(self, parent: Process, child: int) -> None:
         """Not following: put the original bytes back in the child, then let it go."""
@@ -541,6 +602,11 @@ class Session:
             for site in parent.engine.sites.values():
                 if site.inserted:
                     mem.write(site.address, site.original)
+            if parent.engine.fast is not None:
+                # only the forking thread exists in the child, and it is in fork(),
+                # not in a patched range: the bytes can go back at once
+                for fs in parent.engine.fast.sites.values():
+                    mem.write(fs.address, fs.original)
         finally:
             mem.close()
         # the child reports its initial stop first; detach once it has

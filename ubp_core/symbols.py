@@ -178,6 +178,23 @@ class Resolver:
                 continue
         raise ProbeError(_unknown(spec.symbol, "the program or its libraries", names))
 
+    def function_at(self, address: int) -> tuple[int, int] | None:
+        """Run-time [start, end) of the sized function symbol containing ``address``."""
+        for mod in self.modules.values():
+            link = mod.linktime(address)
+            if link is None:
+                continue
+            try:
+                funcs = mod.image.functions()
+            except ElfFileError:
+                return None
+            for sym in funcs:
+                if sym.size and sym.address <= link < sym.address + sym.size:
+                    start = address - (link - sym.address)
+                    return start, start + sym.size
+            return None
+        return None
+
     def resolve_glob(self, spec: ProbeSpec) -> list[Resolved]:
         """Every function matching a pattern spec, one per address.  NotYet when the
         named module is not loaded (yet)."""

@@ -27,6 +27,10 @@ def add_parser(sub) -> None:
     a.add_argument("probes", nargs="*", metavar="PROBE")
     a.add_argument("-p", "--pid", type=int, help="attach to a running process")
     a.add_argument("--count", action="store_true", help="count hits; print a table at exit")
+    a.add_argument("--fast", action="store_true",
+                   help="with --count: trap-free counting where the site allows it (a jump "
+                        "to a trampoline that bumps a counter shared with UBP; no stop per "
+                        "hit); elsewhere a trap probe, and UBP says why")
     a.add_argument("--strategy", choices=["emulate", "boost", "ssol", "inline"],
                    help="force one strategy for every probe (refused where it is wrong)")
     a.add_argument("-o", "--output", metavar="FILE", help="UBP's output here, not stderr")
@@ -96,6 +100,10 @@ def _trace(args: argparse.Namespace, command: list[str], out: TextIO) -> int:
 
 
 def _trace_session(args, command, out, kw, holder, requested) -> int:
+    if args.fast and not (args.count and args.strategy is None):
+        print("ubp: --fast counts hits: it needs --count and takes no --strategy",
+              file=sys.stderr)
+        return 2
     try:
         session = Session.attach(args.pid, **kw) if args.pid else Session.spawn(command, **kw)
     except UbpError as exc:
@@ -111,7 +119,10 @@ def _trace_session(args, command, out, kw, holder, requested) -> int:
         for text in args.probes:
             spec = parse_spec(text)
             handler = None if quiet else _printer(out, start, spec)
-            probes.append(session.probe(spec, handler, strategy=args.strategy))
+            if args.fast:
+                probes.append(session.probe(spec, fast=True))
+            else:
+                probes.append(session.probe(spec, handler, strategy=args.strategy))
     except UbpError as exc:
         print(f"ubp: {exc}", file=sys.stderr)
         _abandon(session)
@@ -137,7 +148,15 @@ def _trace_session(args, command, out, kw, holder, requested) -> int:
             if tp.skipped:
                 print(f"ubp: pattern {tp.spec.text}: {tp.skipped} matching function(s) "
                       "cannot be probed", file=out)
+            slow = sum(1 for c in tp.children.values() if c.fast_note)
+            if slow:
+                print(f"ubp: pattern {tp.spec.text}: {slow} of {len(tp.children)} functions "
+                      "counted with trap probes (no trap-free probe there; --json says why)",
+                      file=out)
             continue
+        if tp.fast_note:
+            print(f"ubp: probe {tp.label}: no trap-free probe ({tp.fast_note}); "
+                  "counted with a trap probe", file=out)
         if tp.error:
             print(f"ubp: probe {tp.spec.text}: {tp.error}", file=out)
         elif not tp.attached and tp.address is None:
@@ -188,8 +207,8 @@ def _printer(out: TextIO, start: float, spec):
 
 def _table(out: TextIO, probes: list[TraceProbe]) -> None:
     rows = [(tp.label, f"{tp.address:#x}" if tp.address is not None else "-",
-             tp.chosen.value if tp.chosen else "-", tp.hits) for tp in probes]
+             tp.strategy_name or "-", tp.hits) for tp in probes]
     w = max([len(r[0]) for r in rows] + [5])
-    print(f"{'probe':<{w}}  {'address':>14}  {'strategy':<8}  {'hits':>10}", file=out)
+    print(f"{'probe':<{w}}  {'address':>14}  {'strategy':<9}  {'hits':>10}", file=out)
     for spec, addr, strat, hits in rows:
-        print(f"{spec:<{w}}  {addr:>14}  {strat:<8}  {hits:>10}", file=out)
+        print(f"{spec:<{w}}  {addr:>14}  {strat:<9}  {hits:>10}", file=out)

@@ -15,7 +15,8 @@ from .regs import UserRegs
 HOST_ELF_MACHINE = "EM_X86_64"  # the register layout in regs.py is this machine's
 
 PROT = {"r": 1, "w": 2, "x": 4}
-MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x10, 0x100000
+MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED, MAP_FIXED_NOREPLACE = (
+    0x01, 0x02, 0x20, 0x10, 0x100000)
 
 
 def prot_bits(prot: str) -> int:

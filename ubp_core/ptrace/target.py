@@ -27,6 +27,7 @@ from .process import (
     MAP_ANONYMOUS,
     MAP_FIXED_NOREPLACE,
     MAP_PRIVATE,
+    MAP_SHARED,
     TF,
     SyscallInjector,
     WaitStatus,
@@ -491,6 +492,39 @@ class PtraceTarget(Target):
             self.syscall_insn = got + size - len(insn)
             return got
         raise TargetError("could not place an XOL area: the address space keeps changing")
+
+    def map_shared(self, path: str, near: int, size: int, reach: int, scratch: int) -> int:
+        """Map the file at ``path`` read+write and shared into the program, within
+        ``reach`` of ``near``; ``scratch`` is program memory UBP may write the path into
+        (an XOL area of ours).  The program's descriptor is closed again at once."""
+        raw = path.encode() + b"\0"
+        old = self.read_memory(scratch, len(raw))
+        self.write_memory(scratch, raw)
+        try:
+            fd = self.inject("openat", (1 << 64) - 100, scratch, os.O_RDWR | os.O_CLOEXEC, 0)
+        except OSError as exc:
+            raise TargetError(f"the program cannot open UBP's shared counters ({path}): "
+                              f"{exc.strerror}") from None
+        finally:
+            self.write_memory(scratch, old)
+        try:
+            maps = read_maps(self.pid)
+            for _ in range(8):
+                where = free_gap_near(maps, near, size, reach)
+                if where is None:
+                    raise TargetError(f"no free {size:#x}-byte range within {reach:#x} "
+                                      f"of {near:#x}")
+                try:
+                    return self.inject("mmap", where, size, prot_bits("rw"),
+                                       MAP_SHARED | MAP_FIXED_NOREPLACE, fd, 0)
+                except OSError as exc:
+                    if exc.errno != errno.EEXIST:
+                        raise TargetError(f"cannot map UBP's shared counters in process "
+                                          f"{self.pid}: {exc}") from None
+                    maps = read_maps(self.pid)
+            raise TargetError("could not place the counters: the address space keeps changing")
+        finally:
+            self.inject("close", fd)
 
     # ------------------------------------------------------------------ lifetime
     def detach_all(self, signals: dict[int, int] | None = None) -> None:

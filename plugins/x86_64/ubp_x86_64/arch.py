@@ -23,7 +23,7 @@ from ubp_core.types import (
     XolStep,
 )
 
-from . import cases, emulate, fixups
+from . import cases, emulate, fastpatch, fixups
 from .analysis import GPR64, Analyzer
 from .layout import LayoutError, parse
 
@@ -72,7 +72,8 @@ class X86_64(ArchOps):
         return_address=None, flags="eflags", syscall_insn=b"\x0f\x05", syscall_nr="rax",
         syscall_args=("rdi", "rsi", "rdx", "r10", "r8", "r9"), syscall_ret="rax",
         syscall_numbers={"mmap": 9, "mprotect": 10, "munmap": 11, "getpid": 39,
-                         "gettid": 186, "tgkill": 234, "exit_group": 231},
+                         "gettid": 186, "tgkill": 234, "exit_group": 231,
+                         "openat": 257, "close": 3},
     )
 
     def __init__(self) -> None:
@@ -109,6 +110,19 @@ class X86_64(ArchOps):
 
     def emulate(self, analysis: Analysis, regs: Regs, read: ReadMemory) -> Effect | None:
         return emulate.emulate(analysis, regs, read)
+
+    # ------------------------------------------------------------------ trap-free probes
+    fast_jump_size = fastpatch.JUMP_SIZE
+
+    def branch_targets(self, analysis: Analysis) -> tuple[int, ...] | None:
+        return fastpatch.branch_targets(analysis)
+
+    def counting_trampoline(self, analyses: Sequence[Analysis], tramp: int,
+                            counter: int) -> bytes | str:
+        return fastpatch.counting_trampoline(analyses, tramp, counter)
+
+    def jump_patch(self, site: int, tramp: int, length: int) -> bytes | None:
+        return fastpatch.jump_patch(site, tramp, length)
 
     # ------------------------------------------------------------------ reference CPUs
     def hardware_hazard(self, analysis: Analysis) -> str | None:
