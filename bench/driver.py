@@ -34,7 +34,12 @@ def run_ubp(opts: dict, argv: list[str]) -> int:
         counter[0] += 1
 
     handler = {"noop": lambda hit: None, "count": count, "none": None}[opts["handler"]]
-    s.probe(f"site_{opts['site']}", handler, strategy=opts["strategy"])
+    if opts.get("fast"):
+        tp = s.probe(f"site_{opts['site']}", fast=True)
+        if tp.strategy_name != "trap-free":
+            raise SystemExit(f"no trap-free probe: {tp.fast_note}")
+    else:
+        s.probe(f"site_{opts['site']}", handler, strategy=opts["strategy"])
     status = s.run()
     return os.WEXITSTATUS(status) if status is not None else 1
 
