@@ -225,7 +225,17 @@ class Engine:
         return self._hide_breakpoints(address, code)
 
     def _hide_breakpoints(self, address: int, code: bytearray) -> bytes:
-        for site in self.sites.values():
+        # only sites starting within a breakpoint's length before the range can overlap
+        # it: look those addresses up (scanning every site made arming n probes O(n^2))
+        sites = self.sites
+        if len(code) < len(sites):
+            near = (sites.get(a) for a in range(address - len(self._bp) + 1,
+                                                  address + len(code)))
+        else:
+            near = iter(sites.values())
+        for site in near:
+            if site is None:
+                continue
             lo = max(site.address, address)
             hi = min(site.address + len(site.original), address + len(code))
             for a in range(lo, hi):
@@ -284,7 +294,9 @@ class Engine:
             if fs is not None:
                 raise ProbeError(f"{address:#x} is inside the trap-free probe at "
                                  f"{fs.address:#x} ({fs.text})")
-        for site in self.sites.values():
+        reach = self.arch.max_insn_len
+        near = (self.sites.get(a) for a in range(address - reach + 1, address + reach))
+        for site in (s for s in near if s is not None):
             if site.address < address < site.end:
                 raise ProbeError(
                     f"{address:#x} is inside the instruction probed at {site.address:#x} "
