@@ -441,6 +441,14 @@ class Engine:
             self.forget_thread(stop.tid)
         return False
 
+    def on_trap(self, tid: int) -> bool:
+        """A SIGTRAP stop of ``tid`` (the hit path's entry, without a Stop object)."""
+        ts = self.threads.get(tid)
+        if ts is not None and (ts.step is not None or ts.boost_step):
+            self._finish_step(tid, ts)
+            return True
+        return self._on_breakpoint(tid)
+
     def stepping(self, tid: int) -> bool:
         """True while ``tid`` is in the middle of an out-of-line or inline step: any
         resume of it must be a single-step until the step's trap comes."""

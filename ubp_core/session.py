@@ -208,6 +208,7 @@ class Session:
             xol = XolAllocator(target, self.arch.xol_slot_size, self.arch.branch_reach)
             engine = Engine(target, self.arch, xol=xol, inline_freeze=self.inline_freeze)
         proc = Process(target, engine, Resolver(target.pid, self.arch))
+        target.on_trap = engine.on_trap
         self.processes[target.pid] = proc
         return proc
 
@@ -370,6 +371,7 @@ class Session:
     def stop(self) -> None:
         """Ask :meth:`run` to detach and return (callable from a handler)."""
         self._stop_requested = True
+        self.hub.leave = True
 
     @property
     def stop_requested(self) -> bool:
@@ -481,7 +483,8 @@ class Session:
                 if got is None:
                     break
                 target, stop = got
-                self._handle(target, stop)
+                if stop is not None:  # None: the hub handled a hit and we are asked to stop
+                    self._handle(target, stop)
         except BaseException:
             self._emergency_cleanup()
             raise
@@ -501,6 +504,7 @@ class Session:
 
         def expire(signum, frame) -> None:
             self._stop_requested = True
+            self.hub.leave = True
             self.hub.wake()
 
         old = signal.signal(signal.SIGALRM, expire)

@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..archops import ArchOps
@@ -114,6 +115,8 @@ class Hub:
         self.all: list[PtraceTarget] = []  # every target with threads or queued stops
         #: (target, tid) of an inline step in flight: only its stops may come next
         self.inline: tuple[PtraceTarget, int] | None = None
+        #: set when the session wants out: the hit path then returns to it
+        self.leave = False
 
     def adopt(self, tid: int, target: PtraceTarget) -> None:
         self.targets[tid] = target
@@ -184,8 +187,13 @@ class Hub:
                     th.stepping = False
                     if th.guard_mask:
                         reblock_sigtrap(tid)
-                    stop = th.trap
-                    return target, stop
+                    # the hit path: straight to the engine, no Stop handed up the stack
+                    on_trap = target.on_trap
+                    if on_trap is not None and on_trap(tid):
+                        if self.leave:
+                            return target, None
+                        continue
+                    return target, th.trap
             ws = WaitStatus(tid, status)
             if target is None:
                 self.orphans[tid] = ws  # a new clone child can report before its parent
@@ -210,6 +218,8 @@ class PtraceTarget(Target):
         self.syscall_insn: int | None = None
         self._xbuf = (ctypes.c_uint8 * 16384)()
         self.xol_areas: list[tuple[int, int]] = []
+        #: the engine's trap handler (tid -> consumed?), called by the hub's hit path
+        self.on_trap: Callable[[int], bool] | None = None
 
     # ------------------------------------------------------------------ threads
     def add_thread(self, tid: int, stopped: bool = False) -> Thread:
