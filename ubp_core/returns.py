@@ -105,8 +105,13 @@ class Returns:
     def push(self, tid: int, frame: Frame) -> None:
         stack = self.stacks.setdefault(tid, [])
         # a call at a shallower depth than the frames on top: a longjmp or an exception
-        # unwound past them without returning
-        while stack and stack[-1].sp_after < frame.sp_after:
+        # unwound past them without returning.  At the same depth too, unless this call
+        # returns into the trampoline (a tail call from a probed function, whose frame
+        # is live): two calls made from one frame are never in flight together, so the
+        # older one was left by a longjmp (without this, each longjmp out of a function
+        # called from the setjmp's frame leaves a frame for good)
+        while stack and (stack[-1].sp_after < frame.sp_after
+                         or (stack[-1].sp_after == frame.sp_after and frame.ret != self.tramp)):
             stack.pop()
         stack.append(frame)
 
@@ -182,31 +187,48 @@ class Returns:
                     except MemoryFault:
                         continue
                 continue
-            if link is not None and regs[link] == self.tramp:
-                regs[link] = frames[0].ret
-                target.set_regs(tid, regs)
-                restored += 1
-                frames = frames[1:]
-            if not frames:
+            # a link register (PowerPC lr, s390 r14): each frame's copy is in a register
+            # or saved by the callee in its caller's frame, i.e. between the frame's own
+            # stack pointer after the return and the next outer frame's.  Frames below
+            # the stack pointer were left by a longjmp; of frames at one depth only the
+            # innermost is live; a frame whose return address was the trampoline (a
+            # tail call) shares its copy with the frame it was called from.
+            sp = regs[arch.abi.sp]
+            live: list[Frame] = []
+            for frame in frames:
+                if frame.ret == self.tramp or frame.sp_after < sp:
+                    continue
+                if live and frame.sp_after <= live[-1].sp_after:
+                    continue
+                live.append(frame)
+            if not live:
                 continue
-            # the rest are words on the stack: a pushed return address, or a saved link
-            # register; the innermost frame's copy is the lowest
-            lo = regs[arch.abi.sp]
-            hi = max(f.sp_after for f in frames) + 64 * word
+            # the innermost frame's copy may still be in registers (the link register,
+            # or r0 between PowerPC's mflr r0 and its store): no program address is
+            # the trampoline's, so a register holding it holds that copy
+            changed = False
+            for name in arch.registers:
+                if name != arch.abi.pc and regs.get(name) == self.tramp:
+                    regs[name] = live[0].ret
+                    changed = True
+                    restored += 1
+            if changed:
+                target.set_regs(tid, regs)
+            lo = live[0].sp_after
+            hi = live[-1].sp_after + 64 * word
             try:
                 chunk = target.read_memory(lo, hi - lo)
             except MemoryFault:
                 continue
-            at = 0
-            for frame in frames:
-                at = chunk.find(tramp_bytes, at)
+            for i, frame in enumerate(live):
+                end = (live[i + 1].sp_after if i + 1 < len(live) else hi) - lo
+                at = chunk.find(tramp_bytes, frame.sp_after - lo, end)
                 while at >= 0 and (lo + at) % word:
-                    at = chunk.find(tramp_bytes, at + 1)
+                    at = chunk.find(tramp_bytes, at + 1, end)
                 if at < 0:
-                    break
+                    continue  # not saved yet (still in a register) or already reloaded
                 target.write_memory(lo + at, frame.ret.to_bytes(word, arch.byteorder))
                 restored += 1
-                at += word
         self.stacks.clear()
         return restored
 
