@@ -638,6 +638,7 @@ class Engine:
                 # the instruction itself faulted: make it fault at its own address
                 effect = self.arch.abort_xol(step, regs, target.read_memory)
                 self._apply(tid, regs, effect)
+                self._fault_at(tid, stop, step.slot, regs[self._pc])
                 self._end_leaving_signals(tid, ts)
                 return False  # the caller delivers the signal, pc now at the original
             if pc != step.slot:
@@ -672,6 +673,7 @@ class Engine:
             if stop.fault:
                 regs[self._pc] = site.address
                 target.set_regs(tid, regs)
+                self._fault_at(tid, stop, slot, site.address)
                 return False
             ts = self.threads.setdefault(tid, ThreadState())
             ts.boost_step = True
@@ -683,6 +685,15 @@ class Engine:
             regs[self._pc] = site.end
             target.set_regs(tid, regs)
         return False
+
+    def _fault_at(self, tid: int, stop: Stop, slot: int, address: int) -> None:
+        """A fault's si_addr that names the slot (SIGFPE, SIGILL, SIGBUS give the
+        instruction's address) must name the probed instruction, as it would in place."""
+        at = stop.fault_addr
+        if at is not None and slot <= at < slot + self.arch.xol_slot_size:
+            fix = getattr(self.target, "set_fault_addr", None)
+            if fix is not None:
+                fix(tid, address + (at - slot))
 
     # ------------------------------------------------------------------ processes
     def clone_for(self, target: Target, forking_tid: int | None = None) -> Engine:

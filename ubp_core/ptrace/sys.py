@@ -29,6 +29,7 @@ PTRACE_DETACH = 17
 PTRACE_SETOPTIONS = 0x4200
 PTRACE_GETEVENTMSG = 0x4201
 PTRACE_GETSIGINFO = 0x4202
+PTRACE_SETSIGINFO = 0x4203
 PTRACE_GETREGSET = 0x4204
 PTRACE_SETREGSET = 0x4205
 PTRACE_SEIZE = 0x4206
@@ -133,6 +134,10 @@ def getsiginfo(tid: int) -> SigInfo:
     info = SigInfo()
     ptrace(PTRACE_GETSIGINFO, tid, 0, ctypes.addressof(info))
     return info
+
+
+def setsiginfo(tid: int, info: SigInfo) -> None:
+    ptrace(PTRACE_SETSIGINFO, tid, 0, ctypes.addressof(info))
 
 
 def geteventmsg(tid: int) -> int:

@@ -427,6 +427,12 @@ class PtraceTarget(Target):
                 th.frozen = False
                 self.resume(th.tid)
 
+    def set_fault_addr(self, tid: int, address: int) -> None:
+        """Rewrite si_addr of the signal a thread is stopped with (delivered on resume)."""
+        info = pt.getsiginfo(tid)
+        info.si_addr = address
+        pt.setsiginfo(tid, info)
+
     def queue_signal(self, tid: int, signo: int) -> None:
         pt.tgkill(self.pid, tid, signo)
 
