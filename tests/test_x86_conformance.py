@@ -28,7 +28,10 @@ def test_plugin_cases(x86, x86_cpu, cpu):
     for strategy, row in d["by_strategy"].items():
         assert row["cases"] > 10, strategy
     if cpu == "native":
-        assert d["unverified"] == 0, d["unverified_examples"]
+        # only instructions this CPU lacks (xtest without TSX on an AMD EPYC) may go
+        # unverified on the real CPU; anything else unverified is a kit problem
+        lacking = [u for u in d["unverified_examples"] if "(SIGILL)" in u["detail"]]
+        assert d["unverified"] == len(lacking) <= 4, d["unverified_examples"]
 
 
 def test_libc_sample_on_the_real_cpu(x86, native_cpu, libc_x86):

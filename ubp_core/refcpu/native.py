@@ -238,14 +238,21 @@ class NativeTarget(ScratchTarget):
 
     def get_ext_state(self) -> bytes | None:
         n = pt.getregset(self.pid, pt.NT_X86_XSTATE, self._xbuf)
-        return bytes(self._xbuf[:n])
+        state = bytearray(self._xbuf[:n])
+        # The header's XSTATE_BV says which components the CPU tracked as in use, not
+        # what they hold: the kernel already expands init components to their values
+        # in this (UABI) layout, and CPUs differ in when a component leaves its init
+        # state (AVX-512 on an AMD EPYC here).  Compare contents, not the bookkeeping.
+        state[XSTATE_BV:XSTATE_BV + 64] = bytes(64)
+        return bytes(state)
 
     def set_ext_state(self, state: bytes) -> None:
         ctypes.memmove(self._xbuf, state, len(state))
         pt.setregset(self.pid, pt.NT_X86_XSTATE, self._xbuf, len(state))
 
     def random_ext_state(self, rng: random.Random) -> bytes | None:
-        state = bytearray(self.get_ext_state() or b"")
+        n = pt.getregset(self.pid, pt.NT_X86_XSTATE, self._xbuf)
+        state = bytearray(self._xbuf[:n])  # with its header: this one is written back
         state[XMM_OFFSET:XMM_OFFSET + XMM_SIZE] = rng.randbytes(XMM_SIZE)
         bv = int.from_bytes(state[XSTATE_BV:XSTATE_BV + 8], "little") | 0x2
         for bit, off, size in XSTATE_PARTS:

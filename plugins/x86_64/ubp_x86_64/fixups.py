@@ -16,6 +16,25 @@ from ubp_core.types import Analysis, Effect, ReadMemory, Regs, Strategy, XolStep
 
 from .analysis import Plan
 
+
+def _records_x87_pointers() -> bool:
+    """Does this CPU keep the x87 last-instruction pointer (FIP) for every x87
+    instruction?  Intel does; AMD stores FIP/FDP/FOP only while an x87 exception is
+    pending (reads back 0 otherwise, seen here on an AMD EPYC), so an SSOL fixup that
+    sets FIP would create a difference rather than remove one."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip() not in ("AuthenticAMD",
+                                                                 "HygonGenuine")
+    except OSError:
+        pass
+    return True
+
+
+RECORDS_FIP = _records_x87_pointers()
+
 MASK64 = (1 << 64) - 1
 TF = 0x100
 
@@ -98,7 +117,7 @@ def post(step: XolStep, regs: Regs, read: ReadMemory) -> Effect:
             image = TF
         if not image & TF:
             eff.regs["eflags"] = regs["eflags"] & ~TF
-    if plan.fip and corr:
+    if plan.fip and corr and RECORDS_FIP:
         eff.extra["fip"] = a
     return eff
 
