@@ -171,7 +171,7 @@ def test_attach_run_detach_restores_text(spinning, strategy):
     tp = s.probe("tick", strategy=strategy)
     s.probe("libc:usleep")
     assert text_differences(spinning.pid)  # the breakpoints are in
-    assert s.run(timeout=0.5) is None
+    assert s.run(timeout=1.5) is None  # generous: CI shares 2 CPUs with other jobs
     assert tp.hits > 10
     assert text_differences(spinning.pid) == []
     assert spinning.poll() is None and _tracer_pid(spinning.pid) == 0
