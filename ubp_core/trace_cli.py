@@ -48,6 +48,15 @@ def add_parser(sub) -> None:
                         "when the program starts a thread; pin: always; off: never")
     a.add_argument("--duration", type=float, metavar="SECONDS",
                    help="detach after this long (with -p) / stop tracing")
+    a.add_argument("--remote", metavar="HOST:PORT",
+                   help="probe the program behind this GDB stub (qemu-user -g, gdbserver)")
+    a.add_argument("--qemu", action="store_true",
+                   help="run -- CMD under the qemu-user its ELF header calls for, with a "
+                        "GDB stub on a free loopback port (see docs/remote.md)")
+    a.add_argument("--file", metavar="ELF",
+                   help="--remote: a local copy of the program the stub runs (symbols)")
+    a.add_argument("--sysroot", metavar="DIR",
+                   help="--remote/--qemu: where the program's libraries are (qemu -L)")
     a.set_defaults(func=run_trace)
 
 
@@ -60,6 +69,10 @@ def _split_command(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def run_trace(args: argparse.Namespace) -> int:
     command = getattr(args, "command_argv", [])
+    if args.remote or args.qemu:
+        from .remote_trace import run_remote
+
+        return run_remote(args, command)
     if bool(args.pid) == bool(command):
         print("ubp trace: give either -p PID or -- CMD [ARGS...]", file=sys.stderr)
         return 2

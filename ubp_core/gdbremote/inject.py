@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 
 from ..archops import ArchOps
 from ..errors import TargetError
@@ -29,13 +30,14 @@ class SyscallInjector:
     """Makes system calls on behalf of thread ``tid`` through the instruction at ``insn``."""
 
     def __init__(self, target: Target, arch: ArchOps, tid: int, insn: int,
-                 scratch: int | None = None) -> None:
+                 scratch: int | Callable[[int], int] | None = None) -> None:
         self.target = target
         self.arch = arch
         self.abi = arch.abi
         self.tid = tid
         self.insn = insn
-        #: writable memory of the program for arguments passed in memory (64 bytes)
+        #: writable memory of the program for arguments passed in memory (64 bytes),
+        #: or a function of the thread that gives it (saved and restored around the call)
         self.scratch = scratch
         self.mask = (1 << arch.word_bits) - 1
         self.pc_after: int | None = None
@@ -101,8 +103,13 @@ class SyscallInjector:
                               "this injector has no scratch memory for them")
         size_of = self.arch.word_bits // 8
         block = b"".join((v & self.mask).to_bytes(size_of, self.arch.byteorder) for v in args)
-        self.target.write_memory(self.scratch, block)
-        return self(self.abi.mmap_name, self.scratch)
+        scratch = self.scratch(self.tid) if callable(self.scratch) else self.scratch
+        old = self.target.read_memory(scratch, len(block))
+        self.target.write_memory(scratch, block)
+        try:
+            return self(self.abi.mmap_name, scratch)
+        finally:
+            self.target.write_memory(scratch, old)  # it was the program's memory
 
     def mmap_exactly(self, address: int, size: int, prot: str) -> bool:
         """Map at ``address`` or nothing at all (never over an existing mapping)."""

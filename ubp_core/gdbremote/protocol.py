@@ -7,8 +7,10 @@ the packets mean lives in :mod:`ubp_core.gdbremote.target`.
 
 from __future__ import annotations
 
+import re
 import socket
 import time
+from collections import deque
 
 from ..errors import TargetError
 
@@ -60,6 +62,15 @@ def _unescape(data: bytes) -> bytes:
     return bytes(out)
 
 
+# a stop reply naming its thread: no other reply starts this way (memory and register
+# replies are hex, and qXfer replies start with l or m)
+_STOP_REPLY = re.compile(rb"^T[0-9a-fA-F]{2}.*thread:")
+
+
+def _is_stop_reply(reply: bytes) -> bool:
+    return bool(_STOP_REPLY.match(reply))
+
+
 def connect(address: str, timeout: float = 10.0) -> socket.socket:
     """Connect to ``HOST:PORT`` or a Unix socket path, retrying until ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -92,6 +103,8 @@ class Connection:
         self._last: bytes | None = None
         self._buf = bytearray()
         self.log: list[tuple[str, bytes]] | None = None  # set to a list to record traffic
+        #: stop replies that came while another reply was awaited (None: not expected)
+        self.async_stops: deque[bytes] | None = None
 
     def close(self) -> None:
         try:
@@ -192,12 +205,19 @@ class Connection:
             return body
 
     def request(self, data: bytes, timeout: float | None = -1.0) -> bytes:
-        """Send a packet and return the reply, skipping console output (``O...``)."""
+        """Send a packet and return the reply, skipping console output (``O...``).
+
+        With :attr:`async_stops` set, a stop reply that arrives in place of the reply
+        is kept there: stubs that do not stop every thread at a stop (qemu-user before
+        9.0) send another thread's stop whenever that thread traps."""
         self.send(data)
         while True:
             reply = self.receive(timeout)
             if reply.startswith(b"O") and reply != b"OK":
                 continue  # console output of the program
+            if self.async_stops is not None and _is_stop_reply(reply):
+                self.async_stops.append(reply)
+                continue
             return reply
 
     def interrupt(self) -> None:

@@ -18,8 +18,10 @@ from ..errors import MemoryFault, TargetError
 from ..target import Stop, StopKind, Target
 from ..types import Regs
 from . import signals, tdesc
+from .inject import SyscallInjector
 from .protocol import Connection, StubError, StubTimeout
 
+PAGE = 4096
 FAULT_SIGNALS = frozenset({_signal.SIGSEGV, _signal.SIGBUS, _signal.SIGILL, _signal.SIGFPE})
 
 
@@ -68,6 +70,20 @@ def parse_stop(reply: bytes) -> StopReply:
     raise StubError(f"unexpected stop reply {text[:40]!r}")
 
 
+def _xol_hints(near: int, size: int, reach: int) -> list[int]:
+    """Addresses to ask mmap for (hints: the kernel, or qemu, takes the first free
+    range at or above one): around ``near``, closest first, within ``reach``."""
+    if not reach:
+        return [near & ~(PAGE - 1)] if near else [0]
+    out = []
+    for mib in (1, 2, 4, 8, 12, 16, 20, 24):
+        d = mib << 20
+        if d + size >= reach:
+            break
+        out += [(near + d) & ~(PAGE - 1), (near - d - size) & ~(PAGE - 1)]
+    return [h for h in out if h > 0x10000]
+
+
 class GdbRemoteTarget(Target):
     """One program (any number of threads) behind a GDB stub."""
 
@@ -92,6 +108,16 @@ class GdbRemoteTarget(Target):
         #: makes a page writable when the stub refuses a write (set by whoever can
         #: change page protections, e.g. through syscall injection)
         self.make_writable: Callable[[int, int], None] | None = None
+        #: the system-call instruction injections borrow (see use_syscall_insn)
+        self.syscall_at: int | None = None
+        #: the thread of the last stop: in all-stop mode every thread is stopped, and
+        #: system calls are injected on this one
+        self.stopped_tid: int | None = None
+        #: hold the next resume back until release() (see there)
+        self.hold_next_resume = False
+        self.held: tuple[int, bool, int] | None = None
+        #: pages known to hold code (text written before, XOL areas)
+        self.code_pages: set[int] = set()
         reply = self.conn.request(b"?")
         first = parse_stop(reply)
         self.last_stop = first
@@ -277,17 +303,36 @@ class GdbRemoteTarget(Target):
     def write_memory(self, address: int, data: bytes) -> None:
         if not data:
             return
-        if self._write(address, data):
+        if (address & ~(PAGE - 1)) not in self.code_pages and self._write(address, data):
             return
         if self.make_writable is not None:
             # stubs refuse writes to read-only pages (program text under qemu-user)
             self.make_writable(address, len(data))
             if self._write(address, data):
                 return
+        elif self.syscall_at is not None:
+            # a page known as code goes straight to the protection dance: qemu-user
+            # writes its data but keeps running what it translated from the old bytes
+            if self._write_unprotected(address, data):
+                return
+        elif self._write(address, data):
+            return
         raise MemoryFault(address, len(data), write=True)
 
     # ------------------------------------------------------------------ execution
+    def release(self) -> None:
+        """Send the resume that :attr:`hold_next_resume` held back."""
+        held, self.held = self.held, None
+        if held is not None:
+            self.resume(held[0], step=held[1], signal=held[2])
+
     def resume(self, tid: int, *, step: bool = False, signal: int = 0) -> None:
+        if self.hold_next_resume:
+            # the engine resumes a thread at the end of a hit; a caller that wants the
+            # program to stay stopped there (to add probes first) holds that resume
+            self.hold_next_resume = False
+            self.held = (tid, step, signal)
+            return
         gsig = signals.from_host(signal) if signal else 0
         if self.vcont:
             action = ("S" if gsig else "s") if step else ("C" if gsig else "c")
@@ -311,9 +356,10 @@ class GdbRemoteTarget(Target):
             raise TargetError("wait() without resume()")
         step, tid = self._resume_mode
         limit = timeout if timeout is not None else (None if step else self.run_timeout)
+        early = self.conn.async_stops
         while True:
             try:
-                reply = self.conn.receive(limit)
+                reply = early.popleft() if early else self.conn.receive(limit)
                 timed_out = False
             except StubTimeout:
                 self.interrupt()
@@ -332,6 +378,8 @@ class GdbRemoteTarget(Target):
         self._selected_g = None
         self.last_stop = sr
         stop_tid = sr.tid if sr.tid not in (None, -1, 0) else tid
+        if sr.kind == "signal":
+            self.stopped_tid = stop_tid
         if timed_out:
             if sr.kind == "signal" and sr.signo == _signal.SIGINT:
                 return Stop(stop_tid, StopKind.TIMEOUT)
@@ -381,8 +429,88 @@ class GdbRemoteTarget(Target):
         fault = code > 0
         return fault, addr if fault and signo in (_signal.SIGSEGV, _signal.SIGBUS) else None
 
+    # ------------------------------------------------------------------ injection, XOL
+    def use_syscall_insn(self, address: int) -> None:
+        """Make system calls (mmap, mprotect) through the system-call instruction at
+        ``address``: one the program has, whose next instruction writes no memory
+        (qemu-user runs that one too before it reports the step), or UBP's own."""
+        self.syscall_at = address
+
+    def injector(self) -> SyscallInjector:
+        """An injector on the thread that stopped last (every thread is stopped)."""
+        if self.syscall_at is None:
+            raise TargetError("no system-call instruction to inject through is known: "
+                              "this target cannot map memory or change its protection")
+        tid = self.stopped_tid if self.stopped_tid is not None else self.tid
+        return SyscallInjector(self, self.arch, tid, self.syscall_at, self._stack_scratch)
+
+    def _stack_scratch(self, tid: int) -> int:
+        # below the stack pointer of a stopped thread: no ABI here puts live data there
+        sp = self.get_regs(tid)[self.arch.abi.sp]
+        return (sp - 1024) & ~0xF
+
+    def own_syscall_page(self, near: int = 0) -> int:
+        """A page of UBP's own holding just the system-call instruction followed by
+        breakpoints, mapped through the borrowed one, read+execute; later injections
+        use it (the borrowed instruction's neighbours need not be harmless twice)."""
+        inj = self.injector()
+        page = inj.mmap(near & ~(PAGE - 1), PAGE, "rw")
+        bp = self.arch.breakpoint
+        insn = self.arch.abi.syscall_insn
+        body = insn + bp * ((PAGE - len(insn)) // len(bp))
+        self._write(page, body + bytes(PAGE - len(body)))
+        inj.mprotect(page, PAGE, "rx")
+        self.syscall_at = page
+        self.code_pages.add(page)
+        return page
+
     def map_xol(self, near: int, size: int, reach: int = 0) -> int:
-        raise TargetError("this GDB-remote target has no way to map an XOL area yet")
+        """Map an XOL area within ``reach`` of ``near``, read+execute for the program.
+
+        A GDB stub offers no mmap: it is injected.  The area is mapped read+write,
+        filled with breakpoints (a thread that runs past a slot's code traps at a known
+        place), then made read+execute: the program never has a writable and executable
+        page of UBP's making.  Later writes go through :meth:`write_memory`, which
+        makes the page writable (not executable) for the write only."""
+        inj = self.injector()
+        size = (size + PAGE - 1) & ~(PAGE - 1)
+        bp = self.arch.breakpoint
+        for hint in _xol_hints(near, size, reach):
+            try:
+                got = inj.mmap(hint, size, "rw")
+            except OSError as exc:
+                raise TargetError(f"cannot map an XOL area in the program: {exc}") from None
+            if reach and (abs(got - near) >= reach - PAGE or abs(got + size - near) >= reach - PAGE):
+                inj.munmap(got, size)
+                continue
+            fill = bp * (size // len(bp))
+            if not self._write(got, fill):
+                raise TargetError(f"the stub refused to fill the fresh XOL area at {got:#x}")
+            inj.mprotect(got, size, "rx")
+            for page in range(got, got + size, PAGE):
+                self.code_pages.add(page)
+            return got
+        raise TargetError(f"no XOL area could be mapped within {reach:#x} bytes of {near:#x}")
+
+    def _write_unprotected(self, address: int, data: bytes) -> bool:
+        """Write to pages the stub refuses to write (read+execute code): each page is
+        made read+write (not executable) for the write, then read+execute again.  All
+        threads are stopped meanwhile (all-stop), and making the page writable is also
+        what makes qemu-user drop the code it translated from the old bytes."""
+        if self.syscall_at is None:
+            return False
+        inj = self.injector()
+        start = address & ~(PAGE - 1)
+        end = (address + len(data) + PAGE - 1) & ~(PAGE - 1)
+        if start <= self.syscall_at < end:
+            raise TargetError(f"{address:#x}: UBP's system-call page is not written to")
+        inj.mprotect(start, end - start, "rw")
+        try:
+            return self._write(address, data)
+        finally:
+            inj.mprotect(start, end - start, "rx")
+            for page in range(start, end, PAGE):
+                self.code_pages.add(page)
 
     def kill(self) -> None:
         try:
