@@ -156,6 +156,9 @@ class ThreadState:
     inline: bool = False
     boost_step: bool = False  # single-stepping a boost slot to defer a signal
     deferred: list[int] = field(default_factory=list)
+    #: the siginfo of each deferred signal (None where the target gives none), so it
+    #: reaches the program intact: sigqueue's value, a timer's overrun count ...
+    held: list[Any] = field(default_factory=list)
 
 
 def _setattr_pc(name: str, regs: Regs, value: int) -> None:
@@ -465,6 +468,15 @@ class Engine:
             self._end_step(tid, ts, resume=False)
 
     # ------------------------------------------------------------------ the hit path
+    def _rewind(self, tid: int, regs: Regs, addr: int) -> None:
+        """A hit abandoned (a handler raised through us): leave the thread at the probe's
+        address, so whoever takes the breakpoint out next lets it run the instruction
+        there (its pc was past the trap, inside the instruction)."""
+        self._setpc(regs, addr)
+        try:
+            self.target.set_regs(tid, regs)
+        except TargetError:
+            pass
     def _on_breakpoint(self, tid: int) -> bool:
         # the hit path: every line here runs once per hit
         target = self.target
@@ -492,9 +504,13 @@ class Engine:
                     handler(Hit(self, tid, probe, regs))
                 except Exception as exc:
                     if self.handler_errors == "raise":
+                        self._rewind(tid, regs, addr)
                         raise
                     self.errors.append((probe, exc))
                     log.warning("handler of probe %s raised %r", probe.label, exc)
+                except BaseException:
+                    self._rewind(tid, regs, addr)  # Ctrl-C or exit inside a handler
+                    raise
         if site.handlers and getpc(regs) != addr:
             # a handler redirected the thread: skip the instruction
             target.set_regs(tid, regs)
@@ -506,7 +522,13 @@ class Engine:
             target.set_regs(tid, regs)
             target.resume(tid)
             return True
-        self._execute(tid, site, regs, site.strategy)
+        try:
+            self._execute(tid, site, regs, site.strategy)
+        except BaseException:
+            ts = self.threads.get(tid)
+            if ts is None or ts.step is None:
+                self._rewind(tid, regs, addr)  # no step in flight: back to the probe
+            raise
         return True
 
     def _execute(self, tid: int, site: Site, regs: Regs, strategy: Strategy) -> None:
@@ -606,25 +628,41 @@ class Engine:
         if resume:
             self._resume_with_deferred(tid, ts)
 
+    def _hold(self, ts: ThreadState, stop: Stop) -> None:
+        """Defer a signal until the step is over, with its siginfo."""
+        ts.deferred.append(stop.signo)
+        ts.held.append(stop.siginfo)
+
     def _resume_with_deferred(self, tid: int, ts: ThreadState) -> None:
-        sig = ts.deferred.pop(0) if ts.deferred else 0
-        for later in ts.deferred:
-            self.target_requeue(tid, later)
-        ts.deferred.clear()
+        sig = 0
+        if ts.deferred:
+            sig = ts.deferred.pop(0)
+            info = ts.held.pop(0) if ts.held else None
+            restore = getattr(self.target, "restore_siginfo", None)
+            if info is not None and restore is not None:
+                restore(tid, info)  # injected with its own siginfo, not a bare SI_USER
+        self._requeue_deferred(tid, ts)
         self.target.resume(tid, signal=sig)
 
-    def target_requeue(self, tid: int, signo: int) -> None:
+    def _requeue_deferred(self, tid: int, ts: ThreadState) -> None:
+        infos = ts.held + [None] * (len(ts.deferred) - len(ts.held))
+        for later, info in zip(ts.deferred, infos):
+            self.target_requeue(tid, later, info)
+        ts.deferred.clear()
+        ts.held.clear()
+
+    def target_requeue(self, tid: int, signo: int, info: Any = None) -> None:
         requeue = getattr(self.target, "queue_signal", None)
         if requeue is None:
             log.warning("signal %d to thread %d lost: target cannot queue signals", signo, tid)
+        elif info is not None:
+            requeue(tid, signo, info)
         else:
             requeue(tid, signo)
 
     def _end_leaving_signals(self, tid: int, ts: ThreadState) -> None:
         self._end_step(tid, ts, resume=False)
-        for later in ts.deferred:
-            self.target_requeue(tid, later)
-        ts.deferred.clear()
+        self._requeue_deferred(tid, ts)
 
     def _on_signal(self, stop: Stop) -> bool:
         tid = stop.tid
@@ -650,11 +688,11 @@ class Engine:
                     self._end_leaving_signals(tid, ts)
                     return False
             # not started yet: hold the signal until the instruction is done
-            ts.deferred.append(stop.signo)
+            self._hold(ts, stop)
             target.resume(tid, step=True)
             return True
         if ts is not None and ts.boost_step:
-            ts.deferred.append(stop.signo)
+            self._hold(ts, stop)
             target.resume(tid, step=True)
             return True
         if not self.boost_slots:
@@ -678,7 +716,7 @@ class Engine:
             ts = self.threads.setdefault(tid, ThreadState())
             ts.boost_step = True
             ts.site = site
-            ts.deferred.append(stop.signo)
+            self._hold(ts, stop)
             target.resume(tid, step=True)
             return True
         if offset == site.analysis.insn.length:

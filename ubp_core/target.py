@@ -48,6 +48,9 @@ class Stop:
     #: for a fault on a reference CPU: True when that CPU lacks the instruction, False
     #: when the fault is the instruction's own doing, None when it cannot tell
     unsupported: bool | None = None
+    #: the target's own record of a signal (ptrace: its siginfo), handed back to the
+    #: target when a held signal is delivered later
+    siginfo: Any = None
 
 
 class Target(ABC):

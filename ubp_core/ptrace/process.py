@@ -149,7 +149,7 @@ class SyscallInjector:
         self.insn_addr = insn_addr
         self.abi = abi
         #: signals that arrived during an injection; the caller re-delivers them
-        self.suppressed: list[int] = []
+        self.suppressed: list[tuple[int, pt.SigInfo]] = []  # (signal, its siginfo)
 
     def __call__(self, name: str, *args: int) -> int:
         tid = self.tid
@@ -169,7 +169,7 @@ class SyscallInjector:
             if ws.stopsig == signal.SIGTRAP:
                 break
             # another signal arrived first: hold it for the caller, step on
-            self.suppressed.append(ws.stopsig)
+            self.suppressed.append((ws.stopsig, pt.getsiginfo(tid)))
             pt.ptrace(pt.PTRACE_SINGLESTEP, tid, 0, 0)
         result = getregs(tid)[self.abi.syscall_ret]
         setregs(tid, saved)

@@ -63,6 +63,8 @@ NT_PRFPREG = 2
 NT_X86_XSTATE = 0x202
 
 SYS_tgkill = 234
+SYS_rt_tgsigqueueinfo = 297
+SI_TKILL = -6
 SYS_gettid = 186
 
 WALL = 0x40000000
@@ -120,6 +122,15 @@ def try_ptrace(request: int, pid: int, addr: int | None = 0, data: object = 0) -
 
 def tgkill(tgid: int, tid: int, sig: int) -> None:
     if _syscall(SYS_tgkill, ctypes.c_int(tgid), ctypes.c_int(tid), ctypes.c_int(sig)) < 0:
+        err = ctypes.get_errno()
+        if err != errno.ESRCH:
+            raise OSError(err, os.strerror(err))
+
+
+def tgsigqueueinfo(tgid: int, tid: int, sig: int, info: SigInfo) -> None:
+    """Queue ``sig`` with ``info`` (only user-made si_codes: the kernel refuses others)."""
+    if _syscall(SYS_rt_tgsigqueueinfo, ctypes.c_int(tgid), ctypes.c_int(tid),
+                ctypes.c_int(sig), ctypes.c_void_p(ctypes.addressof(info))) < 0:
         err = ctypes.get_errno()
         if err != errno.ESRCH:
             raise OSError(err, os.strerror(err))

@@ -286,7 +286,7 @@ class PtraceTarget(Target):
             clear_step_tf(tid, th.regs, th.tf_before)
             th.regs_valid = True
         self.queue.append(Stop(tid, StopKind.SIGNAL, sig, fault=fault, fault_addr=addr,
-                               data=info.si_code))
+                               data=info.si_code, siginfo=info))
 
     def wait(self, timeout: float | None = None) -> Stop:
         while not self.queue:
@@ -433,7 +433,19 @@ class PtraceTarget(Target):
         info.si_addr = address
         pt.setsiginfo(tid, info)
 
-    def queue_signal(self, tid: int, signo: int) -> None:
+    def restore_siginfo(self, tid: int, info: pt.SigInfo) -> None:
+        """Make ``info`` the siginfo of the signal the thread is next resumed with."""
+        pt.setsiginfo(tid, info)
+
+    def queue_signal(self, tid: int, signo: int, info: pt.SigInfo | None = None) -> None:
+        """Send ``signo`` again; with its original siginfo where the kernel lets a
+        process send that (sigqueue, timers, mq: negative si_code), else plainly."""
+        if info is not None and info.si_code < 0 and info.si_code != pt.SI_TKILL:
+            try:
+                pt.tgsigqueueinfo(self.pid, tid, signo, info)
+                return
+            except OSError:
+                pass
         pt.tgkill(self.pid, tid, signo)
 
     # ------------------------------------------------------------------ system calls
@@ -472,8 +484,8 @@ class PtraceTarget(Target):
             return injector(name, *args)
         finally:
             th.regs_valid = False
-            for sig in injector.suppressed:
-                self.queue_signal(tid, sig)
+            for sig, info in injector.suppressed:
+                self.queue_signal(tid, sig, info)
             if resume_after:
                 self.resume(tid)
 

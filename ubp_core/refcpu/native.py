@@ -315,7 +315,7 @@ class NativeTarget(ScratchTarget):
             return Stop(pid, StopKind.SIGNAL, sig, fault=fault, fault_addr=addr)
 
     def _consume_injection_signals(self) -> None:
-        if signal.SIGSTOP in self.inject.suppressed:
+        if any(sig == signal.SIGSTOP for sig, _info in self.inject.suppressed):
             self._stale_sigstop = False
             self.watchdog.disarm()
         self.inject.suppressed.clear()

@@ -8,10 +8,14 @@
    - the siginfo: a queued signal says SI_QUEUE, our pid and its sequence number; a timer
      signal says SI_TIMER and its overrun count.
 
-   usage: sigstorm rt WORKERS SIGNALS   sender threads queue SIGNALS real-time signals to
-                                        each worker, numbered; each must arrive once, in
-                                        order, with its siginfo
-          sigstorm timer USEC MS        a POSIX timer every USEC us for MS ms of spinning;
+   usage: sigstorm rt WORKERS SIGNALS [IN_FLIGHT]
+                                        the main thread queues SIGNALS real-time signals
+                                        to each worker, numbered, at most IN_FLIGHT
+                                        (default 8) ahead of the worker; each must
+                                        arrive once, with its siginfo (bad_seq: a number
+                                        lost or repeated; reordered goes to stderr)
+          sigstorm timer USEC MS [rt]   a POSIX timer every USEC us for MS ms of spinning
+                                        (SIGALRM, or SIGRTMIN+1 with rt);
                                         the expirations the kernel counted (signals plus
                                         overruns) must equal the time elapsed */
 #define _GNU_SOURCE
@@ -61,7 +65,7 @@ __asm__(".text\n.globl spin\n.type spin,@function\nspin:\n"
         ".globl spin_end\nspin_end:\n"
         ".size spin, .-spin\n");
 
-static atomic_long bad_pc, bad_regs, bad_code, bad_seq, in_spin;
+static atomic_long bad_pc, bad_regs, bad_code, bad_seq, reordered, in_spin;
 static unsigned char seen_off[256];
 extern char __executable_start[], etext[];
 
@@ -117,6 +121,8 @@ static atomic_long received[MAXW];
 static atomic_int stop_workers;
 static __thread int my_index = -1;
 static long per_worker;
+#define MAXSEQ 1000000
+static unsigned char seen[MAXW][MAXSEQ / 8];
 
 static void on_rt(int sig, siginfo_t *si, void *ctx)
 {
@@ -125,8 +131,14 @@ static void on_rt(int sig, siginfo_t *si, void *ctx)
     int w = my_index;
     if (si->si_code != SI_QUEUE || si->si_pid != getpid())
         atomic_fetch_add(&bad_code, 1);
-    if (w < 0 || si->si_value.sival_int != received[w])
+    /* each number must come exactly once (seen[] bit); out of order is counted apart */
+    int seq = si->si_value.sival_int;
+    if (w < 0 || seq < 0 || seq >= MAXSEQ || seen[w][seq / 8] & (1 << seq % 8))
         atomic_fetch_add(&bad_seq, 1);
+    else
+        seen[w][seq / 8] |= 1 << seq % 8;
+    if (w >= 0 && seq != received[w])
+        atomic_fetch_add(&reordered, 1);
     if (w >= 0)
         atomic_fetch_add(&received[w], 1);
 }
@@ -134,25 +146,37 @@ static void on_rt(int sig, siginfo_t *si, void *ctx)
 static void *worker(void *arg)
 {
     my_index = (int)(long)arg;
+    /* born with SIGRTMIN blocked (main's mask): a signal before my_index is set would
+       be counted for no worker */
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGRTMIN);
+    pthread_sigmask(SIG_UNBLOCK, &set, NULL);
     while (!atomic_load(&stop_workers))
         spin(64);
     return NULL;
 }
 
-static int rt_mode(int n, long count)
+static int rt_mode(int n, long count, long in_flight)
 {
+    if (count > MAXSEQ)
+        return 2;
     struct sigaction sa = {0};
     sa.sa_sigaction = on_rt;
     sa.sa_flags = SA_SIGINFO | SA_RESTART;
     sigaction(SIGRTMIN, &sa, NULL);
     per_worker = count;
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGRTMIN);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
     for (long i = 0; i < n; i++)
         pthread_create(&workers[i], NULL, worker, (void *)i);
     long sent = 0;
     for (long seq = 0; seq < count; seq++)
         for (int w = 0; w < n; w++) {
             /* keep a few in flight per worker: they queue, and must stay in order */
-            while (seq - atomic_load(&received[w]) > 8)
+            while (seq - atomic_load(&received[w]) > in_flight)
                 sched_yield();
             union sigval v = {.sival_int = (int)seq};
             while (pthread_sigqueue(workers[w], SIGRTMIN, v) == EAGAIN)
@@ -171,13 +195,14 @@ static int rt_mode(int n, long count)
     printf("sent=%ld received=%ld bad_code=%ld bad_seq=%ld bad_pc=%ld bad_regs=%ld\n", sent, got,
            (long)bad_code, (long)bad_seq, (long)bad_pc, (long)bad_regs);
     print_offsets();
-    fprintf(stderr, "in_spin=%ld\n", (long)in_spin);
+    fprintf(stderr, "reordered=%ld in_spin=%ld\n", (long)reordered, (long)in_spin);
     return 0;
 }
 
 /* ------------------------------------------------------------------ timer mode */
 static atomic_long timer_signals, timer_expirations;
 static timer_t timer;
+static int timer_sig = SIGALRM;
 
 static void on_timer(int sig, siginfo_t *si, void *ctx)
 {
@@ -196,10 +221,10 @@ static int timer_mode(long usec, long ms)
     struct sigaction sa = {0};
     sa.sa_sigaction = on_timer;
     sa.sa_flags = SA_SIGINFO | SA_RESTART;
-    sigaction(SIGALRM, &sa, NULL);
+    sigaction(timer_sig, &sa, NULL);
     struct sigevent ev = {0};
     ev.sigev_notify = SIGEV_THREAD_ID;
-    ev.sigev_signo = SIGALRM;
+    ev.sigev_signo = timer_sig;
     ev._sigev_un._tid = gettid();
     if (timer_create(CLOCK_MONOTONIC, &ev, &timer))
         return 2;
@@ -219,7 +244,7 @@ static int timer_mode(long usec, long ms)
        pending, and compare with the time elapsed */
     sigset_t set;
     sigemptyset(&set);
-    sigaddset(&set, SIGALRM);
+    sigaddset(&set, timer_sig);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     struct itimerspec left;
     timer_gettime(timer, &left);
@@ -231,7 +256,7 @@ static int timer_mode(long usec, long ms)
     siginfo_t si;
     struct timespec zero = {0, 0};
     long pending = 0;
-    while (sigtimedwait(&set, &si, &zero) == SIGALRM)
+    while (sigtimedwait(&set, &si, &zero) == timer_sig)
         pending += 1 + si.si_overrun;
     long accounted = timer_expirations + pending;
     printf("timer: accounted_for=%s bad_code=%ld bad_pc=%ld bad_regs=%ld\n",
@@ -246,9 +271,13 @@ static int timer_mode(long usec, long ms)
 int main(int argc, char **argv)
 {
     if (argc > 3 && !strcmp(argv[1], "rt"))
-        return rt_mode(atoi(argv[2]) > MAXW ? MAXW : atoi(argv[2]), atol(argv[3]));
-    if (argc > 3 && !strcmp(argv[1], "timer"))
+        return rt_mode(atoi(argv[2]) > MAXW ? MAXW : atoi(argv[2]), atol(argv[3]),
+                       argc > 4 ? atol(argv[4]) : 8);
+    if (argc > 3 && !strcmp(argv[1], "timer")) {
+        if (argc > 4 && !strcmp(argv[4], "rt"))
+            timer_sig = SIGRTMIN + 1;
         return timer_mode(atol(argv[2]), atol(argv[3]));
-    fprintf(stderr, "usage: sigstorm rt WORKERS SIGNALS | timer USEC MS\n");
+    }
+    fprintf(stderr, "usage: sigstorm rt WORKERS SIGNALS [IN_FLIGHT] | timer USEC MS [rt]\n");
     return 2;
 }
