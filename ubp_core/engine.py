@@ -109,7 +109,7 @@ class Hit:
         return bytes(out)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Probe:
     """A handler attached to an address."""
 
@@ -128,7 +128,7 @@ class Probe:
         return self.site.strategy if self.site else None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Site:
     """One breakpoint: the original bytes, the analysis, the chosen strategy, its probes."""
 
@@ -206,7 +206,10 @@ class Engine:
         self._pc_after = self.arch.pc_after_trap
         if getattr(target, "regs_by_attribute", False):
             self._getpc = operator.attrgetter(self._pc)
-            self._setpc = functools.partial(_setattr_pc, self._pc)
+            field = getattr(getattr(target, "regs_class", None), self._pc, None)
+            # a ctypes field's own setter: a C call, no Python frame on the hit path
+            self._setpc = (field.__set__ if hasattr(field, "__set__")
+                           else functools.partial(_setattr_pc, self._pc))
         else:
             self._getpc = operator.itemgetter(self._pc)
             self._setpc = functools.partial(_setitem_pc, self._pc)
@@ -433,24 +436,12 @@ class Engine:
         """Process a stop.  True: consumed, the thread has been resumed (or handed on)."""
         kind = stop.kind
         if kind is StopKind.TRAP:
-            ts = self.threads.get(stop.tid)
-            if ts is not None and (ts.step is not None or ts.boost_step):
-                self._finish_step(stop.tid, ts)
-                return True
             return self._on_breakpoint(stop.tid)
         if kind is StopKind.SIGNAL:
             return self._on_signal(stop)
         if kind is StopKind.EXITED:
             self.forget_thread(stop.tid)
         return False
-
-    def on_trap(self, tid: int) -> bool:
-        """A SIGTRAP stop of ``tid`` (the hit path's entry, without a Stop object)."""
-        ts = self.threads.get(tid)
-        if ts is not None and (ts.step is not None or ts.boost_step):
-            self._finish_step(tid, ts)
-            return True
-        return self._on_breakpoint(tid)
 
     def stepping(self, tid: int) -> bool:
         """True while ``tid`` is in the middle of an out-of-line or inline step: any
@@ -477,10 +468,17 @@ class Engine:
             self.target.set_regs(tid, regs)
         except TargetError:
             pass
-    def _on_breakpoint(self, tid: int) -> bool:
+    def _on_breakpoint(self, tid: int, regs: Regs | None = None) -> bool:
+        """A SIGTRAP stop of ``tid``: the end of a step, a hit, or not ours (False).
+        ``regs``: its registers when the caller has just read them."""
         # the hit path: every line here runs once per hit
+        ts = self.threads.get(tid)
+        if ts is not None and (ts.step is not None or ts.boost_step):
+            self._finish_step(tid, ts)
+            return True
         target = self.target
-        regs = target.get_regs(tid)
+        if regs is None:
+            regs = target.get_regs(tid)
         getpc, setpc = self._getpc, self._setpc
         addr = getpc(regs) - self._pc_after
         site = self.sites.get(addr)
@@ -519,8 +517,7 @@ class Engine:
         slot = site.boost_slot
         if slot is not None and site.strategy is Strategy.BOOST:
             setpc(regs, slot)
-            target.set_regs(tid, regs)
-            target.resume(tid)
+            target.set_regs_and_resume(tid, regs)
             return True
         try:
             self._execute(tid, site, regs, site.strategy)
@@ -531,6 +528,9 @@ class Engine:
             raise
         return True
 
+    #: the hit path's entry for targets that hand traps over directly (ptrace's hub)
+    on_trap = _on_breakpoint
+
     def _execute(self, tid: int, site: Site, regs: Regs, strategy: Strategy) -> None:
         target = self.target
         if strategy is Strategy.BOOST:
@@ -540,8 +540,7 @@ class Engine:
             return
         if strategy is Strategy.EMULATE:
             effect = self.arch.emulate(site.analysis, regs, target.read_memory)
-            if effect is not None and self._apply(tid, regs, effect):
-                target.resume(tid)
+            if effect is not None and self._apply(tid, regs, effect, resume=True):
                 return
             strategy = Strategy.SSOL if Strategy.SSOL in site.analysis.strategies else Strategy.INLINE
         ts = self.threads.get(tid)
@@ -570,17 +569,25 @@ class Engine:
         ts.site = site
         target.resume(tid, step=True)
 
-    def _apply(self, tid: int, regs: Regs, effect: Effect) -> bool:
-        """Apply memory then registers; False when a memory write faulted (nothing applied)."""
+    def _apply(self, tid: int, regs: Regs, effect: Effect, resume: bool = False) -> bool:
+        """Apply memory then registers (and let the thread go when ``resume``); False
+        when a memory write faulted (nothing applied, the thread still stopped)."""
+        target = self.target
         for address, data in effect.mem:
             try:
-                self.target.write_memory(address, data)
+                target.write_memory(address, data)
             except MemoryFault:
                 return False
         regs.update(effect.regs)
-        self.target.set_regs(tid, regs)
         if effect.extra:
-            self.target.set_extra(tid, effect.extra)
+            target.set_regs(tid, regs)
+            target.set_extra(tid, effect.extra)
+            if resume:
+                target.resume(tid)
+        elif resume:
+            target.set_regs_and_resume(tid, regs)
+        else:
+            target.set_regs(tid, regs)
         return True
 
     def _finish_step(self, tid: int, ts: ThreadState) -> None:

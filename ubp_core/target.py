@@ -82,6 +82,12 @@ class Target(ABC):
     def resume(self, tid: int, *, step: bool = False, signal: int = 0) -> None:
         """Let ``tid`` run (or execute one instruction), delivering ``signal`` if non-zero."""
 
+    def set_regs_and_resume(self, tid: int, regs: Regs) -> None:
+        """:meth:`set_regs` then :meth:`resume` (a target may do both in one go: the
+        hit path of a boosted or emulated probe ends with this)."""
+        self.set_regs(tid, regs)
+        self.resume(tid)
+
     @abstractmethod
     def wait(self, timeout: float | None = None) -> Stop:
         """Block until some thread stops; return why."""

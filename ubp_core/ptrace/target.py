@@ -164,6 +164,7 @@ class Hub:
                         return target, s
                 if tid not in target.threads_ or not self.pump():
                     return None
+        waitpid, targets = os.waitpid, self.targets
         while True:
             for target in self.all:
                 if target.queue:
@@ -171,29 +172,43 @@ class Hub:
             self.all = [t for t in self.all if t.threads_]
             if not self.all:
                 return None
-            # The hit path: one waitpid and, for a plain trap, no allocation and no queue
-            try:
-                tid, status = os.waitpid(-1, pt.WALL)
-            except ChildProcessError:
-                return None
-            except InterruptedError:
-                continue
-            target = self.targets.get(tid)
-            if status == _TRAP_STATUS and target is not None:
+            # The hit path: one waitpid and, for a plain trap, straight to the engine:
+            # no allocation, no queue, no Stop handed up the stack
+            while True:
+                try:
+                    tid, status = waitpid(-1, pt.WALL)
+                except ChildProcessError:
+                    return None
+                except InterruptedError:
+                    status = None
+                    break
+                target = targets.get(tid)
+                if status != _TRAP_STATUS or target is None:
+                    break
                 th = target.threads_.get(tid)
-                if th is not None:
-                    th.stopped = True
-                    th.regs_valid = False
-                    th.stepping = False
-                    if th.guard_mask:
-                        reblock_sigtrap(tid)
-                    # the hit path: straight to the engine, no Stop handed up the stack
-                    on_trap = target.on_trap
-                    if on_trap is not None and on_trap(tid):
-                        if self.leave:
-                            return target, None
-                        continue
+                if th is None:
+                    break
+                th.stopped = True
+                th.regs_valid = False
+                th.stepping = False
+                if th.guard_mask:
+                    reblock_sigtrap(tid)
+                on_trap = target.on_trap
+                if on_trap is None:
                     return target, th.trap
+                # every trap needs the registers: read them here, once
+                if _ptrace(pt.PTRACE_GETREGS, tid, 0, th.regs_addr) < 0:
+                    return target, th.trap  # gone (killed): the slow path says how
+                th.regs_valid = True
+                if not on_trap(tid, th.regs):
+                    return target, th.trap
+                if self.leave:
+                    return target, None
+                if target.queue:
+                    status = None  # the engine queued stops (held for a step): serve them
+                    break
+            if status is None:
+                continue
             ws = WaitStatus(tid, status)
             if target is None:
                 self.orphans[tid] = ws  # a new clone child can report before its parent
@@ -205,6 +220,7 @@ class PtraceTarget(Target):
     """One traced process (all its threads)."""
 
     regs_by_attribute = True  # UserRegs: a register is an attribute too (the fast way)
+    regs_class = UserRegs  # its fields' own descriptors set the pc without a Python frame
 
     def __init__(self, pid: int, arch: ArchOps, hub: Hub, *, spawned: bool) -> None:
         self.pid = pid
@@ -218,8 +234,8 @@ class PtraceTarget(Target):
         self.syscall_insn: int | None = None
         self._xbuf = (ctypes.c_uint8 * 16384)()
         self.xol_areas: list[tuple[int, int]] = []
-        #: the engine's trap handler (tid -> consumed?), called by the hub's hit path
-        self.on_trap: Callable[[int], bool] | None = None
+        #: the engine's trap handler ((tid, regs) -> consumed?), called by the hub
+        self.on_trap: Callable[[int, Regs], bool] | None = None
 
     # ------------------------------------------------------------------ threads
     def add_thread(self, tid: int, stopped: bool = False) -> Thread:
@@ -330,6 +346,23 @@ class PtraceTarget(Target):
         if _ptrace(pt.PTRACE_SETREGS, tid, 0, th.regs_addr) < 0:
             setregs(tid, th.regs)  # raises with errno
         th.regs_valid = True
+
+    def set_regs_and_resume(self, tid: int, regs: Regs) -> None:
+        # the end of every boosted/emulated hit: one Python frame for both requests
+        th = self.threads_.get(tid)
+        if th is None or not th.stopped or regs is not th.regs:
+            self.set_regs(tid, regs)
+            self.resume(tid)
+            return
+        if _ptrace(pt.PTRACE_SETREGS, tid, 0, th.regs_addr) < 0:
+            setregs(tid, th.regs)  # raises with errno
+        request = PTRACE_SYSCALL if th.watch_syscalls else pt.PTRACE_CONT
+        if _ptrace(request, tid, 0, 0) < 0:
+            err = ctypes.get_errno()
+            if err != errno.ESRCH:
+                raise TargetError(f"cannot resume thread {tid}: {os.strerror(err)}")
+        th.stopped = False
+        th.regs_valid = False
 
     def set_extra(self, tid: int, values: dict[str, int]) -> None:
         self._thread(tid)
