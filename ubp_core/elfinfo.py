@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import struct
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -20,6 +21,12 @@ class ElfFileError(UbpError):
     """Not an ELF file, or one pyelftools cannot read."""
 
 
+#: what pyelftools raises on a truncated or inconsistent file (ELFParseError is an
+#: ELFError; offsets and counts past the end give struct, value and overflow errors)
+CORRUPT = (ELFError, ValueError, KeyError, IndexError, OverflowError, UnicodeDecodeError,
+           AttributeError, TypeError, struct.error, OSError, MemoryError, RecursionError)
+
+
 @dataclass(frozen=True, slots=True)
 class Symbol:
     name: str
@@ -30,20 +37,36 @@ class Symbol:
 
 
 def elf_ident_of(path: str) -> ElfIdent:
-    with open(path, "rb") as f:
+    f = _open_file(path)
+    with f:
         return _ident(_open(f, path))
+
+
+def _open_file(path: str):
+    """Open a regular file (a FIFO would block the open, a device or /proc file is not
+    an ELF image); a clear error otherwise."""
+    try:
+        if not os.path.isfile(path):
+            os.stat(path)  # the precise reason when it does not exist or cannot be reached
+            raise ElfFileError(f"{path}: not a regular file")
+        return open(path, "rb")
+    except OSError as exc:
+        raise ElfFileError(f"{path}: {exc.strerror}") from None
 
 
 def _open(f, path: str) -> ELFFile:
     try:
         return ELFFile(f)
-    except (ELFError, ValueError, OSError) as exc:
+    except CORRUPT as exc:
         raise ElfFileError(f"{path}: not a readable ELF file ({exc})") from None
 
 
 def _ident(elf: ELFFile) -> ElfIdent:
-    return ElfIdent(elf["e_machine"], elf.elfclass,
-                    "little" if elf.little_endian else "big", elf["e_flags"])
+    try:
+        return ElfIdent(elf["e_machine"], elf.elfclass,
+                        "little" if elf.little_endian else "big", elf["e_flags"])
+    except CORRUPT as exc:
+        raise ElfFileError(f"{elf.stream.name}: corrupt ELF header ({exc})") from None
 
 
 class ElfImage:
@@ -51,16 +74,21 @@ class ElfImage:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._f = _open_file(path)
         try:
-            self._f = open(path, "rb")
-        except OSError as exc:
-            raise ElfFileError(f"{path}: {exc.strerror}") from None
-        self.elf = _open(self._f, path)
-        self.ident = _ident(self.elf)
-        self._segments = [
-            (seg["p_vaddr"], seg["p_memsz"], seg["p_filesz"], seg["p_offset"], seg["p_flags"])
-            for seg in self.elf.iter_segments() if seg["p_type"] == "PT_LOAD"
-        ]
+            self.elf = _open(self._f, path)
+            self.ident = _ident(self.elf)
+            try:
+                self._segments = [
+                    (seg["p_vaddr"], seg["p_memsz"], seg["p_filesz"], seg["p_offset"],
+                     seg["p_flags"])
+                    for seg in self.elf.iter_segments() if seg["p_type"] == "PT_LOAD"
+                ]
+            except CORRUPT as exc:
+                raise ElfFileError(f"{path}: corrupt program headers ({exc})") from None
+        except BaseException:
+            self._f.close()
+            raise
 
     def close(self) -> None:
         self._f.close()
@@ -77,8 +105,11 @@ class ElfImage:
 
     @cached_property
     def _code_sections(self) -> set[int]:
-        return {i for i, sec in enumerate(self.elf.iter_sections())
-                if sec["sh_flags"] & SHF_EXECINSTR}
+        try:
+            return {i for i, sec in enumerate(self.elf.iter_sections())
+                    if sec["sh_flags"] & SHF_EXECINSTR}
+        except CORRUPT as exc:
+            raise ElfFileError(f"{self.path}: corrupt section headers ({exc})") from None
 
     def _descriptor_entry(self, address: int) -> int | None:
         """The code address a function descriptor at ``address`` names (its first word)."""
@@ -104,7 +135,10 @@ class ElfImage:
         out: list[Symbol] = []
         described: list[int] = []
         for secname in (".symtab", ".dynsym"):
-            sec = self.elf.get_section_by_name(secname)
+            try:
+                sec = self.elf.get_section_by_name(secname)
+            except CORRUPT as exc:
+                raise ElfFileError(f"{self.path}: corrupt section headers ({exc})") from None
             if sec is None or not hasattr(sec, "iter_symbols"):
                 continue
             try:
@@ -136,7 +170,7 @@ class ElfImage:
                                       {"STT_GNU_IFUNC": "ifunc", "STT_NOTYPE": "label"}.get(
                                           kind, "func"),
                                       sym["st_info"]["bind"]))
-            except (ELFError, ValueError, KeyError, UnicodeDecodeError) as exc:
+            except CORRUPT as exc:
                 raise ElfFileError(f"{self.path}: corrupt {secname}: {exc}") from None
         if described:
             starts = sorted({s.address for s in out})
@@ -165,20 +199,24 @@ class ElfImage:
         for start, _memsz, filesz, offset, _flags in self._segments:
             if start <= vaddr < start + filesz:
                 size = min(size, start + filesz - vaddr)
-                self._f.seek(offset + vaddr - start)
-                return self._f.read(size)
+                try:
+                    self._f.seek(offset + vaddr - start)
+                    return self._f.read(size)
+                except (OSError, OverflowError, ValueError) as exc:
+                    raise ElfFileError(f"{self.path}: cannot read {size} bytes at file "
+                                       f"offset {offset + vaddr - start:#x} ({exc})") from None
         raise ElfFileError(f"{self.path}: no file data at {vaddr:#x}")
 
     def data_symbol(self, name: str) -> int | None:
         """Link-time address of a data (or any) symbol, e.g. the dynamic linker's
         ``_r_debug``; None when absent."""
         for secname in (".dynsym", ".symtab"):
-            sec = self.elf.get_section_by_name(secname)
-            if sec is None or not hasattr(sec, "get_symbol_by_name"):
-                continue
             try:
+                sec = self.elf.get_section_by_name(secname)
+                if sec is None or not hasattr(sec, "get_symbol_by_name"):
+                    continue
                 found = sec.get_symbol_by_name(name)
-            except (ELFError, ValueError, KeyError):
+            except CORRUPT:
                 continue
             for sym in found or ():
                 if sym["st_shndx"] != "SHN_UNDEF" and sym["st_value"]:

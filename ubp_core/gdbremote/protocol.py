@@ -16,6 +16,8 @@ from ..errors import TargetError
 
 ESCAPE = 0x7D
 INTERRUPT = b"\x03"
+#: a reply longer than this is refused (a stub gone wrong would fill memory until timeout)
+MAX_PACKET = 16 << 20
 
 
 class StubError(TargetError):
@@ -188,6 +190,8 @@ class Connection:
                 continue
             del self._buf[:start]
             end = self._buf.find(b"#")
+            if end < 0 and len(self._buf) > MAX_PACKET:
+                raise StubError(f"the GDB stub sent a packet larger than {MAX_PACKET >> 20} MiB")
             if end < 0 or len(self._buf) < end + 3:
                 self._fill(deadline)
                 continue

@@ -47,6 +47,21 @@ def parse_thread_id(text: str) -> tuple[int | None, int]:
 
 
 def parse_stop(reply: bytes) -> StopReply:
+    """A stop reply decoded; StubError for anything malformed (bad hex, cut short)."""
+    try:
+        return _parse_stop(reply)
+    except (ValueError, IndexError):
+        raise StubError(f"malformed stop reply {reply[:40]!r} from the stub") from None
+
+
+def _unhex(data: bytes, what: str) -> bytes:
+    try:
+        return bytes.fromhex(data.decode("latin-1"))
+    except ValueError:
+        raise StubError(f"the stub sent {what} that is not hex: {data[:40]!r}") from None
+
+
+def _parse_stop(reply: bytes) -> StopReply:
     text = reply.decode("latin-1")
     code = text[:1]
     if code in ("T", "S"):
@@ -161,7 +176,10 @@ class GdbRemoteTarget(Target):
             data = self._xfer("features", annex)
             return None if data is None else data.decode("utf-8", "replace")
 
-        desc = tdesc.parse(fetch)
+        try:
+            desc = tdesc.parse(fetch)
+        except (tdesc.ET.ParseError, ValueError) as exc:
+            raise StubError(f"the stub's target description is malformed: {exc}") from None
         if not desc.regs:
             raise StubError("the stub's target description lists no registers")
         return desc
@@ -188,7 +206,10 @@ class GdbRemoteTarget(Target):
         while reply.startswith(b"m"):
             for item in reply[1:].decode("latin-1").split(","):
                 if item:
-                    pid, tid = parse_thread_id(item)
+                    try:
+                        pid, tid = parse_thread_id(item)
+                    except ValueError:
+                        raise StubError(f"malformed thread id {item!r} from the stub") from None
                     if pid not in (None, -1):
                         self.pid = pid
                     out.append(tid)
@@ -213,7 +234,7 @@ class GdbRemoteTarget(Target):
         reply = self.conn.request(b"g")
         if not reply or (reply.startswith(b"E") and len(reply) == 3):
             raise TargetError(f"the stub cannot read the registers of thread {tid}: {reply!r}")
-        blob = bytearray.fromhex(reply.replace(b"xx", b"00").decode())
+        blob = bytearray(_unhex(reply.replace(b"xx", b"00"), "registers"))
         self._blobs[tid] = blob
         return bytes(blob)
 
@@ -223,7 +244,7 @@ class GdbRemoteTarget(Target):
         reply = self.conn.request(f"p{self.reginfo[name].regnum:x}".encode())
         if not reply or reply.startswith(b"E"):
             raise TargetError(f"the stub cannot read register {name}: {reply!r}")
-        return int.from_bytes(bytes.fromhex(reply.decode()), self.order)
+        return int.from_bytes(_unhex(reply, "a register"), self.order)
 
     def write_register(self, tid: int, name: str, value: int) -> None:
         info = self.reginfo[name]
@@ -285,7 +306,7 @@ class GdbRemoteTarget(Target):
             reply = self.conn.request(f"m{a:x},{n:x}".encode())
             if not reply or (reply.startswith(b"E") and len(reply) == 3):
                 raise MemoryFault(address, size)
-            out += bytes.fromhex(reply.decode())
+            out += _unhex(reply, "memory")
             if len(reply) // 2 < n:  # a short read: the rest is not mapped
                 raise MemoryFault(address, size)
         return bytes(out)
