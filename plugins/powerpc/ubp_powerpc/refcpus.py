@@ -65,13 +65,34 @@ def _enable_fpu(uc) -> None:
     uc.reg_write(ppc_const.UC_PPC_REG_MSR, uc.reg_read(ppc_const.UC_PPC_REG_MSR) | MSR_FP)
 
 
+# XO-form arithmetic (primary 31, 9-bit extended opcode) that writes XER[CA]; the
+# extended forms (e, me, ze) also read it
+CARRY_XO = {8: "subfc", 10: "addc", 136: "subfe", 138: "adde", 200: "subfze",
+            202: "addze", 232: "subfme", 234: "addme"}
+# XO-form arithmetic with an overflow-enable (OE) form, which writes XER[OV] and [SO]
+OE_XO = {*CARRY_XO, 40, 104, 233, 235, 266, 393, 395, 425, 427, 457, 459, 489, 491}
+SHIFT_CARRY_XO10 = {792, 824, 794, 826, 827}  # sraw, srawi, srad, sradi (two encodings)
+XER_SPR = 1
+
+
 def _unicorn_unfaithful(analysis) -> str | None:
-    """unicorn keeps XER[SO] apart from the XER written into it: a compare or a record
-    form ("." instructions) copies a stale SO into the CR field."""
+    """unicorn keeps XER's SO, OV and CA apart from the XER register its API reads and
+    writes: an XER written into it never reaches them (a compare, a record form ("."
+    instructions) or a carry-in reads stale bits), and what an instruction sets there
+    never shows in the XER read back.  Everything that reads or writes them is left to
+    qemu."""
     w = int.from_bytes(analysis.insn.raw[:4], "big")
     op = w >> 26
-    compare = op in (10, 11) or (op == 31 and (w >> 1) & 0x3FF in (0, 32))
-    record = op in (28, 29) or (op in (20, 21, 23, 30, 31, 59, 63) and w & 1)
+    xo9, xo10 = (w >> 1) & 0x1FF, (w >> 1) & 0x3FF
+    compare = op in (10, 11) or (op == 31 and xo10 in (0, 32))
+    record = op in (13, 28, 29) or (op in (20, 21, 23, 30, 31, 59, 63) and w & 1)
     if compare or record:
         return "unicorn does not copy XER[SO] into the condition register"
+    carry = op in (8, 12) or (op == 31 and (xo9 in CARRY_XO or xo10 in SHIFT_CARRY_XO10))
+    overflow = op == 31 and bool(w & 0x400) and xo9 in OE_XO
+    spr = ((w >> 16) & 0x1F) | (((w >> 11) & 0x1F) << 5)
+    xer = op == 31 and (xo10 == 512 or (xo10 in (339, 467) and spr == XER_SPR))
+    if carry or overflow or xer:
+        return ("unicorn keeps XER[SO,OV,CA] apart from the XER it reads and writes: "
+                "carries and overflows in and out of XER are not what the CPU holds")
     return None
