@@ -297,6 +297,46 @@ class QemuProcess:
             return self.proc.wait()
 
 
+class QemuTarget(GdbRemoteTarget):
+    """qemu-user's stub: interrupts by signal, and no second thread at a stop.
+
+    qemu-user's stub before 9.0 is not all-stop: a thread that stops sends its stop
+    reply and reads the stub's socket until it is resumed while the other threads run
+    on, and a second thread that stops meanwhile rewrites the stub's global state
+    (current thread, packet parser, reply buffer) and reads the same socket: replies
+    get mixed up and a resume meant for one thread lets another go.  Neither holding
+    the other threads with ptrace (qemu then waits for them to leave translated code
+    before it flushes it, and a thread held inside the stub leaves its state half
+    written) nor running them one at a time made that reliable (docs/remote.md).  So a
+    stop of a second thread is refused with a clear error rather than risking a wrong
+    count or a corrupted program; threads that never reach a probe are fine.
+    """
+
+    def __init__(self, conn: Connection, arch: ArchOps, qemu: QemuProcess) -> None:
+        super().__init__(conn, arch)
+        self.qemu = qemu
+        self.main_tid = self.tid
+
+    def interrupt(self) -> None:
+        self.qemu.interrupt()
+
+    def wait(self, timeout: float | None = None) -> Stop:
+        stop = super().wait(timeout)
+        if stop.kind is not StopKind.EXITED and stop.tid != self.main_tid:
+            raise MultiThreadError(
+                f"thread {stop.tid} stopped (a probe hit, a step or a signal) while thread "
+                f"{self.main_tid} is the program's: qemu-user's GDB stub "
+                f"({self.qemu.argv[0]}) does not stop the other threads at a stop "
+                "(it is not all-stop before qemu 9.0), so probes hit by more than one "
+                "thread cannot be handled reliably; use an all-stop stub (gdbserver) "
+                "through --remote, or probe functions one thread runs")
+        return stop
+
+
+class MultiThreadError(RemoteError):
+    """A second thread stopped under a stub that is not all-stop."""
+
+
 # --------------------------------------------------------------------------- session
 class RemoteSession:
     """Probes in one program behind a GDB stub (all-stop: every thread stops at a stop)."""
@@ -340,8 +380,7 @@ class RemoteSession:
         qemu = QemuProcess(arch, [path, *argv[1:]], sysroot)
         try:
             conn = qemu.connect()
-            target = GdbRemoteTarget(conn, arch)
-            target.interrupt = qemu.interrupt  # type: ignore[method-assign]
+            target = QemuTarget(conn, arch, qemu)
             return cls(target, arch, path, sysroot=sysroot, qemu=qemu, **kw)
         except BaseException:
             qemu.proc.kill()
@@ -593,7 +632,8 @@ class RemoteSession:
                     t.resume(stop.tid, signal=signal.SIGTRAP)  # the program's own trap
                 else:
                     t.resume(stop.tid, signal=stop.signo)
-        except BaseException:
+        except BaseException as exc:
+            log.debug("leaving after %r", exc)
             self._emergency()
             raise
 

@@ -380,13 +380,21 @@ class GdbRemoteTarget(Target):
         early = self.conn.async_stops
         while True:
             try:
-                reply = early.popleft() if early else self.conn.receive(limit)
+                reply = self._take_early(step, tid) if early else None
+                if reply is None:
+                    reply = self.conn.receive(limit)
                 timed_out = False
             except StubTimeout:
                 self.interrupt()
                 reply = self.conn.receive()
                 timed_out = True
             sr = parse_stop(reply)
+            if early is not None and step and sr.kind == "signal" and \
+                    sr.tid not in (None, -1, 0, tid):
+                # another thread's stop (a stub that is not all-stop): it waits its
+                # turn; a single-step ends with the stepping thread's own stop
+                early.append(reply)
+                continue
             if sr.kind == "signal" and sr.signo == _signal.SIGINT and self._interrupt_pending \
                     and not timed_out:
                 # the interrupt of an earlier wait, which lost the race with a real stop:
@@ -416,6 +424,19 @@ class GdbRemoteTarget(Target):
             return Stop(stop_tid, StopKind.TRAP, _signal.SIGTRAP)
         fault, addr = self._fault_info(stop_tid, sr.signo)
         return Stop(stop_tid, StopKind.SIGNAL, sr.signo, fault=fault, fault_addr=addr)
+
+    def _take_early(self, step: bool, tid: int) -> bytes | None:
+        """A stop reply that came early, in order; while ``tid`` steps, only its own."""
+        early = self.conn.async_stops
+        assert early is not None
+        if not step:
+            return early.popleft() if early else None
+        for i, reply in enumerate(early):
+            sr = parse_stop(reply)
+            if sr.tid in (None, -1, 0, tid):
+                del early[i]
+                return reply
+        return None
 
     def _at_breakpoint(self, tid: int) -> bool:
         """True when the instruction just before the pc is the arch's breakpoint.
