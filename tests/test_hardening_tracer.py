@@ -165,9 +165,10 @@ def _wait_traced(pid: int, tracer: int, counter=None) -> None:
         assert wait_for(lambda: counter() > start + 500, 30)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
-                         ids=lambda s: s.name)
-@pytest.mark.parametrize("strategy", ["ssol", "boost"])
+@pytest.mark.parametrize(("sig", "strategy"), [(signal.SIGINT, "ssol"),
+                                               (signal.SIGTERM, "boost"),
+                                               (signal.SIGHUP, "ssol")],
+                         ids=["SIGINT-ssol", "SIGTERM-boost", "SIGHUP-ssol"])
 def test_signal_to_ubp_restores_the_target(program, sig, strategy):
     u = _ubp_trace("--strategy", strategy, "-p", str(program.pid))
     try:
