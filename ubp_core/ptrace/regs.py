@@ -17,11 +17,11 @@ class UserRegs(ctypes.Structure):
 
     names = _FIELDS
 
-    def __getitem__(self, name: str) -> int:
-        return getattr(self, name)
-
-    def __setitem__(self, name: str, value: int) -> None:
-        setattr(self, name, value)  # a c_uint64 field keeps the low 64 bits
+    # regs["rip"] is regs.rip through the C slot wrappers themselves: no Python frame
+    # (plugins index registers by name on the hit path).  A c_uint64 field keeps the
+    # low 64 bits of what is stored.
+    __getitem__ = ctypes.Structure.__getattribute__
+    __setitem__ = ctypes.Structure.__setattr__
 
     def __contains__(self, name: object) -> bool:
         return name in _FIELDS
