@@ -404,9 +404,11 @@ class GdbRemoteTarget(Target):
                 continue
             break
         self._resume_mode = None
-        self._selected_g = None
         self.last_stop = sr
         stop_tid = sr.tid if sr.tid not in (None, -1, 0) else tid
+        # a stub makes the thread that stopped the current one for g/G/p/P (gdbserver
+        # and qemu both do): one round trip less per hit
+        self._selected_g = stop_tid if sr.tid not in (None, -1, 0) else None
         if sr.kind == "signal":
             self.stopped_tid = stop_tid
         if timed_out:
