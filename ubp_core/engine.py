@@ -140,6 +140,8 @@ class Site:
     boost_slot: int | None = None
     inserted: bool = False
     handlers: tuple[Probe, ...] = ()  # enabled probes, cached for the hit path
+    #: prepared out-of-line steps that depend on nothing but the slot, by slot
+    steps: dict[int, XolStep] = field(default_factory=dict)
 
     def refresh(self) -> None:
         self.handlers = tuple(p for p in self.probes if p.enabled)
@@ -557,7 +559,11 @@ class Engine:
             slot = self.xol.slot(site.address if an.ssol_near is None else an.ssol_near,
                                  an.ssol_reach)
             ts.inline = False
-        step = self.arch.prepare_xol(site.analysis, slot, regs)
+        step = site.steps.get(slot)
+        if step is None:
+            step = self.arch.prepare_xol(site.analysis, slot, regs)
+            if step.pc_only and not step.state and len(step.regs) == 1 and not ts.inline:
+                site.steps[slot] = step
         if ts.inline:
             target.write_memory(slot, step.code)
         elif self._slot_code.get(slot) != step.code:
@@ -609,6 +615,11 @@ class Engine:
             return
         step = ts.step
         assert step is not None
+        if step.pc_only:
+            regs[self._pc] = regs[self._pc] + step.correction
+            target.set_regs(tid, regs)
+            self._end_step(tid, ts, resume=True)
+            return
         effect = self.arch.post_xol(step, regs, target.read_memory)
         if effect.step_again:
             if effect.regs or effect.mem:
@@ -648,7 +659,7 @@ class Engine:
             restore = getattr(self.target, "restore_siginfo", None)
             if info is not None and restore is not None:
                 restore(tid, info)  # injected with its own siginfo, not a bare SI_USER
-        self._requeue_deferred(tid, ts)
+            self._requeue_deferred(tid, ts)
         self.target.resume(tid, signal=sig)
 
     def _requeue_deferred(self, tid: int, ts: ThreadState) -> None:

@@ -108,6 +108,10 @@ class XolStep:
     code: bytes
     regs: dict[str, int]
     state: dict[str, Any] = field(default_factory=dict)
+    #: post_xol would only move the pc by :attr:`correction` (the common case): the
+    #: engine may do that itself.  With ``state`` empty and ``regs`` only the pc, the
+    #: step may also be reused for every later step of this instruction in this slot.
+    pc_only: bool = False
 
     @property
     def correction(self) -> int:

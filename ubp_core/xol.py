@@ -62,6 +62,11 @@ class XolAllocator:
     def slot(self, near: int, reach: int | None = None) -> int:
         """A free slot within ``reach`` of ``near`` (default: the arch's branch reach)."""
         reach = self.reach if reach is None else reach
+        if len(self.areas) == 1 and self._within(self.areas[0], near, reach):
+            # the common case (one area, in reach): no sorting on the hit path
+            slot = self.areas[0].take()
+            if slot is not None:
+                return slot
         candidates = [a for a in self.areas if self._within(a, near, reach)]
         candidates.sort(key=lambda a: abs(a.base - near))
         for area in candidates:

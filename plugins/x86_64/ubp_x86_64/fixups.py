@@ -75,7 +75,11 @@ def prepare(analysis: Analysis, slot: int, regs: Regs) -> XolStep:
         state["eflags"] = regs["eflags"]
     if plan.op == "popf":
         state["rsp"] = regs["rsp"]
-    return XolStep(analysis, slot, code, write, state)
+    # what post() below would do is only the pc correction
+    pc_only = (not plan.absolute and not plan.call and not plan.rep and not plan.tf_fix
+               and plan.scratch is None and plan.op not in ("syscall", "popf")
+               and not (plan.fip and RECORDS_FIP))
+    return XolStep(analysis, slot, code, write, state, pc_only)
 
 
 def post(step: XolStep, regs: Regs, read: ReadMemory) -> Effect:
