@@ -359,7 +359,6 @@ class RemoteSession:
         self.r_debug: int | None = None
         self.exit_code: int | None = None
         self._stop_requested = False
-        self.lost_stops = 0
         target.conn.async_stops = deque()
         self._boot()
 
@@ -601,6 +600,7 @@ class RemoteSession:
         t = self.target
         engine = self.engine
         deadline = None if timeout is None else time.monotonic() + timeout
+        interrupted = False
         if t.held is not None:
             t.release()
         else:
@@ -615,13 +615,14 @@ class RemoteSession:
                     if self._leave_now(stop):
                         return None
                     continue
-                try:
-                    if engine.handle(stop):
-                        continue
-                except TargetError as exc:
-                    if stop.kind is StopKind.TRAP and "trampoline" in str(exc):
-                        self.lost_stops += 1
-                    raise
+                if engine.handle(stop):
+                    if self._stop_requested and not interrupted \
+                            and not engine.stepping(stop.tid):
+                        # asked to leave (a handler called stop()): the program must
+                        # stop somewhere that is not a probe first
+                        t.interrupt()
+                        interrupted = True
+                    continue
                 kind = stop.kind
                 if kind is StopKind.EXITED:
                     self.exit_code = stop.status if stop.signo == 0 else 128 + stop.signo
