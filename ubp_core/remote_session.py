@@ -345,6 +345,7 @@ class RemoteSession:
                  sysroot: str | None = None, qemu: QemuProcess | None = None,
                  inline_freeze: bool = True) -> None:
         self.target = target
+        target.lazy_extra_registers = True
         self.arch = arch
         self.sysroot = sysroot
         self.qemu = qemu
