@@ -432,7 +432,23 @@ class RemoteSession:
         t.own_syscall_page(near=exe_mod.mappings[0].start)
         if interp is not None:
             self._watch_libraries()
-            self._settle()
+            if self._libraries_loaded():
+                # attached to a program that is past its start-up (--remote)
+                self._read_link_map()
+                self.startup_done = True
+            else:
+                self._settle()
+
+    def _libraries_loaded(self) -> bool:
+        if self.r_debug is None:
+            return False
+        w = self.arch.word_bits // 8
+        try:
+            state = int.from_bytes(self.target.read_memory(self.r_debug + 3 * w, 4),
+                                   self.arch.byteorder)
+            return self._word(self.r_debug + w) != 0 and state == RT_CONSISTENT
+        except MemoryFault:
+            return False
 
     def _settle(self) -> None:
         """Run a dynamically linked program until its dynamic linker has loaded the
