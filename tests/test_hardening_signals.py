@@ -92,7 +92,7 @@ def test_queued_signals_exactly_once(progs, strategy):
 @pytest.mark.long
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.value)
 def test_queued_signals_sustained(progs, strategy):
-    _rt(progs, strategy, 16, 3000, 8)
+    _rt(progs, strategy, 8, 1000, 8)
 
 
 def _timer(progs, strategy, usec, ms, rt):
