@@ -168,11 +168,12 @@ def _tracer_pid(pid):
 @pytest.mark.parametrize("strategy", [None, "ssol", "inline"])
 def test_attach_run_detach_restores_text(spinning, strategy):
     s = Session.attach(spinning.pid)
-    tp = s.probe("tick", strategy=strategy)
+    tp = s.probe("tick", lambda hit: tp.hits >= 20 and s.stop(), strategy=strategy)
     s.probe("libc:usleep")
     assert text_differences(spinning.pid)  # the breakpoints are in
-    assert s.run(timeout=1.5) is None  # generous: CI shares 2 CPUs with other jobs
-    assert tp.hits > 10
+    # until 20 hits (a loaded CI machine may take its time), then let go
+    assert s.run(timeout=60) is None
+    assert tp.hits >= 20
     assert text_differences(spinning.pid) == []
     assert spinning.poll() is None and _tracer_pid(spinning.pid) == 0
 

@@ -459,7 +459,6 @@ class Session:
         """Run the program until it exits (or :meth:`stop`, or ``timeout`` seconds);
         returns its wait status (None when detached before it ended)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        alarm = self._arm_deadline(timeout)
         main = self.processes.get(self.main_pid) if self.main_pid else None
         if main is not None and not self.placement.active:
             self.placement.start(main.target.threads())
@@ -470,7 +469,10 @@ class Session:
                 th = proc.target.threads_.get(tid)
                 if th is not None and th.stopped and not any(s.tid == tid for s in proc.target.queue):
                     proc.target.resume(tid)
+        alarm = None
         try:
+            # armed inside the try: whatever happens, the finally disarms it
+            alarm = self._arm_deadline(timeout)
             while self.processes:
                 if self._stop_requested or (deadline and time.monotonic() > deadline):
                     if self._fatal is not None:
