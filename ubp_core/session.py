@@ -487,6 +487,15 @@ class Session:
                 target, stop = got
                 if stop is not None:  # None: the hub handled a hit and we are asked to stop
                     self._handle(target, stop)
+        except TargetError:
+            # the program was killed under us (SIGKILL while a hit or an arming read its
+            # memory): its death is the news, not the failed read
+            status = self._killed_status()
+            self._emergency_cleanup()
+            if status is None:
+                raise
+            self.exit_status = status
+            return status
         except BaseException:
             self._emergency_cleanup()
             raise
@@ -495,6 +504,34 @@ class Session:
                 signal.setitimer(signal.ITIMER_REAL, 0)
                 signal.signal(signal.SIGALRM, alarm)
         return self.exit_status
+
+    def _killed_status(self) -> int | None:
+        """The wait status of a spawned main process that died (None: it lives)."""
+        pid = self.main_pid
+        if not self.spawned or pid is None:
+            return None
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:  # its threads die first, then the leader
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                return self.exit_status
+            if state in "ZX":
+                try:  # its traced threads are ours to reap before the leader can be
+                    for tid in os.listdir(f"/proc/{pid}/task"):
+                        if int(tid) != pid:
+                            os.waitpid(int(tid), os.WNOHANG | 0x40000000)
+                except (OSError, ValueError):
+                    pass
+                try:
+                    got, status = os.waitpid(pid, os.WNOHANG | 0x40000000)  # __WALL
+                except ChildProcessError:
+                    return self.exit_status
+                if got == pid and (os.WIFEXITED(status) or os.WIFSIGNALED(status)):
+                    return status
+            time.sleep(0.005)
+        return None
 
     def _arm_deadline(self, timeout: float | None):
         """A program that makes no stop (asleep in a syscall) must still be let go on
