@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -30,3 +31,14 @@ def build_all(out_dir: str) -> dict[str, str]:
                    check=True)
     paths["libplugin"] = lib
     return paths
+
+
+def ubp(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """``ubp ARGS`` run as a user would, output captured."""
+    return subprocess.run([sys.executable, "-m", "ubp_core.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+def bare(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The program alone, for comparison."""
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 
 import pytest
-from livebuild import SRC, build_all
+from livebuild import SRC, bare, build_all, ubp
 
 from ubp_core.errors import ProbeError
 from ubp_core.procmaps import read_maps
@@ -34,13 +33,6 @@ def progs(tmp_path_factory):
     return paths
 
 
-def ubp(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "ubp_core.cli", *args], capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def bare(*argv):
-    return subprocess.run(list(argv), capture_output=True, text=True, timeout=120)
 
 
 def report(out) -> dict[str, dict]:

@@ -8,11 +8,9 @@ middle/inner are called 10 times and a longjmp leaves both for x == 3.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
-from livebuild import build_all
+from livebuild import bare, build_all, ubp
 
 from ubp_core.errors import ProbeError
 from ubp_core.session import Session
@@ -26,13 +24,6 @@ def progs(tmp_path_factory):
     return build_all(str(tmp_path_factory.mktemp("live")))
 
 
-def ubp(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "ubp_core.cli", *args], capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def bare(*argv):
-    return subprocess.run(list(argv), capture_output=True, text=True, timeout=120)
 
 
 def fact_calls(nthreads: int) -> int:

@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from livebuild import build_all
+from livebuild import bare, build_all, ubp
 
 from ubp_core.errors import ProbeError, RefusedError
 from ubp_core.session import AttachError, Session
@@ -25,13 +25,6 @@ def progs(tmp_path_factory):
     return build_all(str(tmp_path_factory.mktemp("live")))
 
 
-def ubp(*args, timeout=300, **kw):
-    return subprocess.run([sys.executable, "-m", "ubp_core.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, **kw)
-
-
-def bare(*argv, timeout=120):
-    return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
 
 
 def trace_json(*args, **kw):

@@ -126,7 +126,7 @@ class FastPatcher:
         need = arch.fast_jump_size
         if need is None:
             raise FastRefused(f"{arch.name} has no trap-free probes")
-        if not hasattr(engine.target, "inject"):
+        if not hasattr(engine.target, "map_shared"):
             raise FastRefused("this target cannot map the counters (live ptrace targets only)")
         if function is None or not function[0] <= address < function[1]:
             raise FastRefused("no sized function symbol contains the site, so nothing proves "
@@ -171,7 +171,7 @@ class FastPatcher:
         engine.target.write_memory(tramp, code)
         area.used += TRAMP_SIZE
         site = FastSite(address, covered, original, tramp, counter, text)
-        with _AllStopped(engine) as tids:
+        with engine.target.all_stopped() as tids:
             for tid in tids:
                 pc = engine.target.get_regs(tid)[arch.abi.pc]
                 if address < pc < last:
@@ -226,7 +226,7 @@ class FastPatcher:
 
         The trampoline stays: a thread may be running in it, and it jumps back to the
         original code after the covered range, which is unchanged."""
-        with _AllStopped(self.engine):
+        with self.engine.target.all_stopped():
             self.engine.target.write_memory(site.address, site.original)
         self.sites.pop(site.address, None)
 
@@ -247,37 +247,3 @@ class FastPatcher:
         twin.sites = dict(self.sites)
         twin.areas = [_Area(a.base, a.used, a.counters) for a in self.areas]
         return twin
-
-
-class _AllStopped:
-    """Every thread of the target stopped for the duration (the ones we stopped are
-    resumed after).  The jump is 5 bytes written in one go, but a thread running
-    through them while they change could execute half of each."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.target = engine.target
-        self.held: int | None = None
-        self.first: int | None = None
-
-    def __enter__(self) -> list[int]:
-        t = self.target
-        threads = getattr(t, "threads_", None)
-        if threads is not None and any(not th.stopped for th in threads.values()):
-            tid = t.any_stopped()
-            if tid is None:
-                # nobody is stopped (UBP is letting go, or a handler-less caller): stop
-                # one; what it reports on the way is handled later by the event loop
-                tid = next(iter(threads))
-                pending = t.stop_thread(tid)
-                t.queue.extend(pending)
-                if not any(s.tid == tid for s in pending):
-                    self.first = tid
-            t.stop_others(tid)
-            self.held = tid
-        return list(t.threads())
-
-    def __exit__(self, *exc: object) -> None:
-        if self.held is not None:
-            self.target.resume_others(self.held)
-        if self.first is not None and self.first in self.target.threads_:
-            self.target.resume(self.first)

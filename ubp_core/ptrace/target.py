@@ -14,7 +14,8 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ..archops import ArchOps
@@ -522,6 +523,29 @@ class PtraceTarget(Target):
             if resume_after:
                 self.resume(tid)
 
+    def _mmap_near(self, what: str, near: int, size: int, reach: int, prot: str,
+                   flags: int, fd: int) -> int:
+        """An injected mmap of ``size`` bytes at a free range within ``reach`` of
+        ``near`` (MAP_FIXED_NOREPLACE: a range taken meanwhile is tried again)."""
+        maps = read_maps(self.pid)
+        for _ in range(8):
+            where = free_gap_near(maps, near, size, reach)
+            if where is None:
+                raise TargetError(f"no free {size:#x}-byte range within {reach:#x} of {near:#x}")
+            try:
+                got = self.inject("mmap", where, size, prot_bits(prot),
+                                  flags | MAP_FIXED_NOREPLACE, fd, 0)
+            except OSError as exc:
+                if exc.errno == errno.EEXIST:
+                    maps = read_maps(self.pid)
+                    continue
+                raise TargetError(f"cannot map {what} in process {self.pid}: {exc}") from None
+            if got != where:
+                self.inject("munmap", got, size)
+                raise TargetError(f"the kernel placed {what} at {got:#x}, not {where:#x}")
+            return got
+        raise TargetError(f"could not place {what}: the address space keeps changing")
+
     def map_xol(self, near: int, size: int, reach: int = 0) -> int:
         """Map an XOL area: read+execute only, filled through /proc/PID/mem.
 
@@ -529,30 +553,14 @@ class PtraceTarget(Target):
         within ``reach`` of ``near`` (a rel32 on x86-64) so a jump back fits and
         pc-relative operands can be re-based.
         """
-        maps = read_maps(self.pid)
-        for _ in range(8):
-            where = free_gap_near(maps, near, size, reach)
-            if where is None:
-                raise TargetError(f"no free {size:#x}-byte range within {reach:#x} of {near:#x}")
-            try:
-                got = self.inject("mmap", where, size, prot_bits("rx"),
-                                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
-                                  (1 << 64) - 1, 0)
-            except OSError as exc:
-                if exc.errno == errno.EEXIST:
-                    maps = read_maps(self.pid)
-                    continue
-                raise TargetError(f"cannot map an XOL area in process {self.pid}: {exc}") from None
-            if got != where:
-                self.inject("munmap", got, size)
-                raise TargetError(f"the kernel placed the XOL area at {got:#x}, not {where:#x}")
-            self.xol_areas.append((got, size))
-            # our own system-call instruction for later injections, at the area's end
-            insn = self.arch.abi.syscall_insn
-            self.write_memory(got + size - len(insn), insn)
-            self.syscall_insn = got + size - len(insn)
-            return got
-        raise TargetError("could not place an XOL area: the address space keeps changing")
+        got = self._mmap_near("an XOL area", near, size, reach, "rx",
+                              MAP_PRIVATE | MAP_ANONYMOUS, (1 << 64) - 1)
+        self.xol_areas.append((got, size))
+        # our own system-call instruction for later injections, at the area's end
+        insn = self.arch.abi.syscall_insn
+        self.write_memory(got + size - len(insn), insn)
+        self.syscall_insn = got + size - len(insn)
+        return got
 
     def map_shared(self, path: str, near: int, size: int, reach: int, scratch: int) -> int:
         """Map the file at ``path`` read+write and shared into the program, within
@@ -569,23 +577,35 @@ class PtraceTarget(Target):
         finally:
             self.write_memory(scratch, old)
         try:
-            maps = read_maps(self.pid)
-            for _ in range(8):
-                where = free_gap_near(maps, near, size, reach)
-                if where is None:
-                    raise TargetError(f"no free {size:#x}-byte range within {reach:#x} "
-                                      f"of {near:#x}")
-                try:
-                    return self.inject("mmap", where, size, prot_bits("rw"),
-                                       MAP_SHARED | MAP_FIXED_NOREPLACE, fd, 0)
-                except OSError as exc:
-                    if exc.errno != errno.EEXIST:
-                        raise TargetError(f"cannot map UBP's shared counters in process "
-                                          f"{self.pid}: {exc}") from None
-                    maps = read_maps(self.pid)
-            raise TargetError("could not place the counters: the address space keeps changing")
+            return self._mmap_near("UBP's shared counters", near, size, reach, "rw",
+                                   MAP_SHARED, fd)
         finally:
             self.inject("close", fd)
+
+    @contextmanager
+    def all_stopped(self) -> Iterator[list[int]]:
+        """Every thread stopped for the duration; the ones stopped here are resumed
+        after.  For code changes a running thread must not see half-written."""
+        held = first = None
+        if any(not th.stopped for th in self.threads_.values()):
+            tid = self.any_stopped()
+            if tid is None:
+                # nobody is stopped (UBP is letting go): stop one; what it reports on
+                # the way is handled later by the event loop
+                tid = next(iter(self.threads_))
+                pending = self.stop_thread(tid)
+                self.queue.extend(pending)
+                if not any(s.tid == tid for s in pending):
+                    first = tid
+            self.stop_others(tid)
+            held = tid
+        try:
+            yield list(self.threads_)
+        finally:
+            if held is not None:
+                self.resume_others(held)
+            if first is not None and first in self.threads_:
+                self.resume(first)
 
     # ------------------------------------------------------------------ lifetime
     def detach_all(self, signals: dict[int, int] | None = None) -> None:
