@@ -485,7 +485,7 @@ class Session:
                 if got is None:
                     break
                 target, stop = got
-                if stop is not None:  # None: the hub handled a hit and we are asked to stop
+                if stop is not None:  # None: the hub handled a hit; come back (stop, or inline)
                     self._handle(target, stop)
         except TargetError:
             # the program was killed under us (SIGKILL while a hit or an arming read its

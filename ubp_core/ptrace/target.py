@@ -203,7 +203,9 @@ class Hub:
                 th.regs_valid = True
                 if not on_trap(tid, th.regs):
                     return target, th.trap
-                if self.leave:
+                if self.leave or self.inline is not None:
+                    # asked to stop, or an inline step began: only its thread's stops
+                    # may come next, which the caller's next_stop(inline) enforces
                     return target, None
                 if target.queue:
                     status = None  # the engine queued stops (held for a step): serve them
