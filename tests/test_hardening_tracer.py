@@ -147,6 +147,79 @@ def test_fatal_handler_error_restores_the_target(program):
     program.finish()
 
 
+# ---------------------------------------------------------------- deadlines and stop()
+def test_run_timeout_when_the_caller_owns_sigalrm(program):
+    """A tool with its own SIGALRM handler: the deadline cannot use the alarm, and hits
+    flow so fast that the loop never leaves the hub on its own.  run() still returns on
+    time, and the tool's handler is left as it was and never called by UBP."""
+    calls = []
+    old = signal.signal(signal.SIGALRM, lambda *a: calls.append(a))
+    try:
+        s, probes = _attach(program.pid)
+        t0 = time.monotonic()
+        assert s.run(timeout=1.0) is None
+        took = time.monotonic() - t0
+        assert signal.getsignal(signal.SIGALRM) is not signal.SIG_DFL and calls == []
+    finally:
+        signal.signal(signal.SIGALRM, old)
+    assert 1.0 <= took < 10, took
+    assert all(tp.hits > 100 for tp in probes)
+    program.runs_clean()
+    program.finish()
+
+
+def test_run_timeout_in_a_thread_when_the_program_makes_no_stop(jobs):
+    """Session created and run in a worker thread (no signal handlers there) on a program
+    asleep in a system call: nothing wakes the wait but UBP's own nudge."""
+    import threading
+
+    p = subprocess.Popen(["sleep", "30"])
+    out: dict = {}
+
+    def work() -> None:
+        try:
+            s = Session.attach(p.pid)
+            s.probe("libc:exit")
+            t0 = time.monotonic()
+            out["status"] = s.run(timeout=0.5)
+            out["took"] = time.monotonic() - t0
+        except BaseException as exc:  # reported below
+            out["error"] = exc
+
+    try:
+        t = threading.Thread(target=work)
+        t.start()
+        t.join(30)
+        assert not t.is_alive() and "error" not in out, out
+        assert out["status"] is None and 0.5 <= out["took"] < 10, out
+        assert tracer_of(p.pid) == 0 and text_differences(p.pid) == []
+        assert p.poll() is None  # detached, still asleep
+        # no zombie left by the nudge: the tracer has no child but the program
+        assert os.waitpid(-1, os.WNOHANG) == (0, 0)
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_stop_from_another_thread_wakes_a_blocked_run(jobs):
+    """A tool's UI thread calls stop() while run() waits for a program that sleeps."""
+    import threading
+
+    p = subprocess.Popen(["sleep", "30"])
+    try:
+        s = Session.attach(p.pid)
+        s.probe("libc:exit")
+        threading.Timer(0.5, s.stop).start()
+        t0 = time.monotonic()
+        assert s.run() is None
+        assert time.monotonic() - t0 < 10
+        assert tracer_of(p.pid) == 0 and text_differences(p.pid) == []
+        assert p.poll() is None
+    finally:
+        p.kill()
+        p.wait()
+
+
 # ---------------------------------------------------------------- ubp trace -p, signals
 def _ubp_trace(*args: str) -> subprocess.Popen:
     specs = []

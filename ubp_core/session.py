@@ -141,6 +141,7 @@ class Session:
         self.exit_status: int | None = None
         self.spawned = False
         self._stop_requested = False
+        self._tracer_thread = threading.get_ident()  # ptrace requests work only from it
         self._fatal: UbpError | None = None
         self._vfork_children: dict[int, Process] = {}  # child tid -> parent process
         self._newborn: set[int] = set()  # children not stopped yet
@@ -369,9 +370,12 @@ class Session:
             self.probes.remove(tp)
 
     def stop(self) -> None:
-        """Ask :meth:`run` to detach and return (callable from a handler)."""
+        """Ask :meth:`run` to detach and return (callable from a handler, or from any
+        other thread: a run blocked waiting for the program is woken)."""
         self._stop_requested = True
         self.hub.leave = True
+        if threading.get_ident() != self._tracer_thread:
+            self.hub.nudge()
 
     @property
     def stop_requested(self) -> bool:
@@ -469,10 +473,10 @@ class Session:
                 th = proc.target.threads_.get(tid)
                 if th is not None and th.stopped and not any(s.tid == tid for s in proc.target.queue):
                     proc.target.resume(tid)
-        alarm = None
+        disarm = None
         try:
             # armed inside the try: whatever happens, the finally disarms it
-            alarm = self._arm_deadline(timeout)
+            disarm = self._arm_deadline(timeout)
             while self.processes:
                 if self._stop_requested or (deadline and time.monotonic() > deadline):
                     if self._fatal is not None:
@@ -500,9 +504,8 @@ class Session:
             self._emergency_cleanup()
             raise
         finally:
-            if alarm is not None:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-                signal.signal(signal.SIGALRM, alarm)
+            if disarm is not None:
+                disarm()
         return self.exit_status
 
     def _killed_status(self) -> int | None:
@@ -533,22 +536,43 @@ class Session:
             time.sleep(0.005)
         return None
 
-    def _arm_deadline(self, timeout: float | None):
-        """A program that makes no stop (asleep in a syscall) must still be let go on
-        time: SIGALRM interrupts the wait.  Only where the alarm is free (main thread,
-        no handler of the caller's); elsewhere the deadline is checked at each stop."""
-        if (timeout is None or threading.current_thread() is not threading.main_thread()
-                or signal.getsignal(signal.SIGALRM) not in (signal.SIG_DFL, None)):
-            return None
+    def _arm_deadline(self, timeout: float | None) -> Callable[[], None]:
+        """Let the program go on time even when it makes no stop (asleep in a system call)
+        or its hits never leave the hub's loop.  Returns the disarming function.
 
-        def expire(signum, frame) -> None:
+        In the main thread with SIGALRM free, the alarm interrupts the wait (cheapest);
+        elsewhere (another thread, or the caller owns SIGALRM) a timer thread nudges the
+        hub (:meth:`Hub.nudge`)."""
+        if timeout is None:
+            return lambda: None
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None)):
+            def expire(signum, frame) -> None:
+                self._stop_requested = True
+                self.hub.leave = True
+                self.hub.wake()
+
+            old = signal.signal(signal.SIGALRM, expire)
+            signal.setitimer(signal.ITIMER_REAL, max(timeout, 1e-3))
+
+            def disarm() -> None:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, old)
+            return disarm
+
+        def expire_in_thread() -> None:
             self._stop_requested = True
-            self.hub.leave = True
-            self.hub.wake()
+            self.hub.nudge()
 
-        old = signal.signal(signal.SIGALRM, expire)
-        signal.setitimer(signal.ITIMER_REAL, max(timeout, 1e-3))
-        return old
+        timer = threading.Timer(max(timeout, 1e-3), expire_in_thread)
+        timer.daemon = True
+        timer.start()
+
+        def cancel() -> None:
+            timer.cancel()
+            timer.join()
+            self.hub.reap_wakers()
+        return cancel
 
     def _handle(self, target: PtraceTarget, stop: Stop) -> None:
         proc = self.processes.get(target.pid)

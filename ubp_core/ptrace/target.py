@@ -11,7 +11,9 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import shutil
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -42,6 +44,7 @@ from .process import (
 from .regs import UserRegs, set_xstate_extra
 
 _ptrace = pt._ptrace  # the hit path calls ptrace(2) directly
+_TRUE = shutil.which("true") or "/bin/true"  # a program that exits at once (Hub.nudge)
 
 SYNC_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE,
                           signal.SIGTRAP})
@@ -118,6 +121,9 @@ class Hub:
         self.inline: tuple[PtraceTarget, int] | None = None
         #: set when the session wants out: the hit path then returns to it
         self.leave = False
+        #: pids of the tracer's own short-lived children started by :meth:`nudge`
+        self._wakers: set[int] = set()
+        self._wake_lock = threading.Lock()
 
     def adopt(self, tid: int, target: PtraceTarget) -> None:
         self.targets[tid] = target
@@ -138,6 +144,38 @@ class Hub:
                 if not th.stopped:
                     pt.try_ptrace(pt.PTRACE_INTERRUPT, th.tid, 0, 0)
 
+    def nudge(self) -> None:
+        """Make the tracer thread leave :meth:`next_stop`, from any thread.
+
+        ptrace requests work only from the tracer thread, and a signal handler is the
+        caller's to own, but ``waitpid(-1)`` in the tracer thread also reports the exit of
+        a child of any thread of the tracer: start one that exits at once."""
+        self.leave = True
+        with self._wake_lock:  # the hub must not see the child's exit before its pid
+            try:
+                pid = os.posix_spawn(_TRUE, [_TRUE], {})
+            except OSError:
+                return  # (no program to start) the hit path still sees ``leave``
+            self._wakers.add(pid)
+
+    def _woken(self, tid: int) -> bool:
+        """True (and forgotten) when ``tid`` was a child started by :meth:`nudge`."""
+        with self._wake_lock:
+            if tid in self._wakers:
+                self._wakers.discard(tid)
+                return True
+        return False
+
+    def reap_wakers(self) -> None:
+        """Collect the nudge children the hub has not seen exit (no zombie left)."""
+        with self._wake_lock:
+            for pid in self._wakers:
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass
+            self._wakers.clear()
+
     def pump(self, block: bool = True) -> bool:
         """Collect one wait status and route it; False when nothing was there."""
         ws = waitpid(-1, 0 if block else os.WNOHANG)
@@ -145,14 +183,17 @@ class Hub:
             return False
         target = self.targets.get(ws.tid)
         if target is None:
+            if self._woken(ws.tid):
+                return True
             self.orphans[ws.tid] = ws  # a new clone child can report before its parent
             return True
         target._on_status(ws)
         return True
 
     def next_stop(self, only: tuple[PtraceTarget, int] | None = None
-                  ) -> tuple[PtraceTarget, Stop] | None:
-        """The next stop of any traced process (None: nothing is traced any more).
+                  ) -> tuple[PtraceTarget | None, Stop | None] | None:
+        """The next stop of any traced process (None: nothing is traced any more; a
+        None stop: the hub handled a hit and the caller asked to be told, or a nudge).
 
         ``only``: (target, tid) whose stop must come next; the others wait in queues.
         """
@@ -214,6 +255,8 @@ class Hub:
                 continue
             ws = WaitStatus(tid, status)
             if target is None:
+                if self._woken(tid):
+                    return None, None  # a nudge: the caller looks at why
                 self.orphans[tid] = ws  # a new clone child can report before its parent
                 continue
             target._on_status(ws)
