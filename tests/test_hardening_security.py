@@ -13,12 +13,13 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 
 import pytest
-from hardening import build, instructions, tracer_of, wait_for, writable_executable
+from hardening import SRC, build, instructions, tracer_of, wait_for, writable_executable
 
 from ubp_core.procmaps import read_maps
 from ubp_core.session import Session
@@ -255,3 +256,75 @@ def test_a_user_may_trace_their_own_process(progs, public_dir):
     finally:
         p.kill()
         p.wait()
+
+
+# ---------------------------------------------------------------- mount namespaces
+@pytest.fixture
+def namespaced(progs, tmp_path):
+    """jobs running in a mount namespace of its own, where its path names another build
+    (bind-mounted over it) than the file of that name UBP sees: symbols read from the
+    wrong file would put every breakpoint at a wrong address."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare to make a mount namespace")
+    other = tmp_path / "jobs-O2"
+    subprocess.run(["gcc", "-O2", "-o", str(other), os.path.join(SRC, "jobs.c"), "-pthread"],
+                   check=True)
+    prog = tmp_path / "prog"
+    shutil.copy(progs["jobs"], prog)
+    from ubp_core.elfinfo import ElfImage
+
+    with ElfImage(str(prog)) as a, ElfImage(str(other)) as b:
+        def where(image):
+            return next(sym.address for sym in image.symbols if sym.name == "job_work")
+
+        assert where(a) != where(b)
+    p = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                          f"mount --bind {other} {prog} && exec {prog} 4"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    if not line:
+        pytest.skip(f"cannot make a mount namespace here: {p.stderr.read().strip()}")
+    head = dict(kv.split("=") for kv in line.split())
+    pid, addr = int(head["pid"]), int(head["counter"], 16)
+    assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+    yield p, pid, addr
+    if p.poll() is None:
+        p.kill()
+        p.wait()
+
+
+def _finish(p) -> None:
+    os.kill(p.pid, signal.SIGUSR2)
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 0 and "ok=1" in out, out
+
+
+def test_a_program_in_another_mount_namespace(namespaced):
+    """UBP reads the file the program maps (found through /proc/PID/map_files by its
+    device and inode), not the same-named file of its own namespace."""
+    p, pid, _addr = namespaced
+    s = Session.attach(pid)
+    tps = [s.probe("job_work", strategy="ssol"), s.probe("job_work+1", strategy="boost")]
+    assert s.run(timeout=1.0) is None
+    assert all(tp.hits > 100 for tp in tps), [tp.hits for tp in tps]
+    assert tracer_of(pid) == 0 and text_differences(pid) == []
+    _finish(p)
+
+
+def test_a_program_in_another_mount_namespace_without_map_files(namespaced):
+    """Without CAP_SYS_ADMIN /proc/PID/map_files cannot be opened: the path under the
+    program's root (/proc/PID/root) gives the same file."""
+    p, pid, _addr = namespaced
+    if shutil.which("capsh") is None:
+        pytest.skip("needs capsh to drop CAP_SYS_ADMIN")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    cmd = (f"{sys.executable} -m ubp_core.cli trace --count --duration 1 -p {pid} "
+           "job_work job_work+1")
+    out = subprocess.run(["capsh", "--drop=cap_sys_admin,cap_checkpoint_restore", "--", "-c",
+                          cmd], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    hits = [int(ln.split()[-1]) for ln in out.stderr.splitlines()
+            if ln.startswith("job_work")]
+    assert len(hits) == 2 and min(hits) > 100, out.stderr
+    assert tracer_of(pid) == 0 and text_differences(pid) == []
+    _finish(p)

@@ -14,6 +14,8 @@ class Mapping:
     offset: int
     inode: int
     path: str
+    #: (major, minor) of the file's device, as the kernel reports it
+    dev: tuple[int, int] = (0, 0)
 
     @property
     def executable(self) -> bool:
@@ -33,8 +35,9 @@ def read_maps(pid: int) -> list[Mapping]:
                 continue
             lo, hi = parts[0].split("-")
             path = parts[5].rstrip("\n") if len(parts) > 5 else ""
+            major, _, minor = parts[3].partition(":")
             out.append(Mapping(int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16),
-                               int(parts[4]), path))
+                               int(parts[4]), path, (int(major, 16), int(minor or "0", 16))))
     return out
 
 
@@ -69,6 +72,42 @@ def free_gap_near(maps: list[Mapping], near: int, size: int, reach: int,
         if best is None or dist < best[0]:
             best = (dist, cand)
     return None if best is None else best[1]
+
+
+def mapped_file(pid: int, m: Mapping) -> str | None:
+    """A path UBP can open that is the very file ``m`` maps in process ``pid`` (None:
+    none found).
+
+    The path in /proc/PID/maps names the file in the program's mount namespace; in UBP's
+    it may be another file or none (a container, a private bind mount), and symbols
+    read from another build would put breakpoints at wrong addresses.  The device and
+    inode the kernel reports tell.  Tried in turn: the path itself; the mapping's own
+    link in /proc/PID/map_files (the file itself; needs CAP_SYS_ADMIN or
+    CAP_CHECKPOINT_RESTORE); the path under the program's root, /proc/PID/root.  An
+    overlay file system reports the underlying device for a mapping and its own to
+    stat, so the inode alone is the last resort."""
+    def same(path: str, dev_too: bool = True) -> bool:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        return st.st_ino == m.inode and (
+            not dev_too or (os.major(st.st_dev), os.minor(st.st_dev)) == m.dev)
+
+    if same(m.path):
+        return m.path
+    link = f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"
+    try:
+        with open(link, "rb"):
+            return link
+    except OSError:
+        pass
+    rooted = f"/proc/{pid}/root{m.path}"
+    if same(rooted):
+        return rooted
+    if same(m.path, dev_too=False):
+        return m.path
+    return None
 
 
 def exe_path(pid: int) -> str:

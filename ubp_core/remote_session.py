@@ -83,6 +83,7 @@ class RemoteResolver(Resolver):
         self.pid = 0
         self.arch = arch
         self.modules: dict[str, Module] = {}
+        self.unreadable: dict[str, str] = {}  # (local copies: none)
         self.exe = os.path.realpath(exe)
         self.biases: dict[str, int] = {}
 

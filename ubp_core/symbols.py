@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from .archops import ArchOps
 from .elfinfo import ElfFileError, ElfImage, Symbol
 from .errors import DecodeError, ProbeError
-from .procmaps import Mapping, read_maps
+from .procmaps import Mapping, mapped_file, read_maps
 from .spec import ProbeSpec
 
 
@@ -24,11 +24,14 @@ class Module:
     mappings: list[Mapping] = field(default_factory=list)
     _image: ElfImage | None = None
     _by_name: dict[str, Symbol] | None = None
+    #: where UBP reads the file (None: ``path``); differs when the program sees another
+    #: file system than UBP (see :func:`~ubp_core.procmaps.mapped_file`)
+    file: str | None = None
 
     @property
     def image(self) -> ElfImage:
         if self._image is None:
-            self._image = ElfImage(self.path)
+            self._image = ElfImage(self.file or self.path)
         return self._image
 
     @property
@@ -106,6 +109,8 @@ class Resolver:
         self.pid = pid
         self.arch = arch
         self.modules: dict[str, Module] = {}
+        #: mapped files UBP cannot read as the program sees them: path -> why
+        self.unreadable: dict[str, str] = {}
         self.exe = os.path.realpath(f"/proc/{pid}/exe")
         self.refresh()
 
@@ -118,10 +123,23 @@ class Resolver:
         new = []
         for path, maps in found.items():
             mod = self.modules.get(path)
+            if mod is not None and mod.mappings and maps[0].inode != mod.mappings[0].inode:
+                self.modules.pop(path).close()  # another file under the same name now
+                mod = None
             if mod is None:
-                if not _is_elf(path):
+                file = mapped_file(self.pid, maps[0])
+                if file is None:
+                    self.unreadable[path] = (
+                        f"{path} as process {self.pid} maps it (device "
+                        f"{maps[0].dev[0]:x}:{maps[0].dev[1]:x}, inode {maps[0].inode}) is "
+                        "not the file of that name UBP sees, and neither "
+                        f"/proc/{self.pid}/map_files nor /proc/{self.pid}/root gives it "
+                        "(another mount namespace?): run UBP as root, or inside the "
+                        "program's namespace")
                     continue
-                mod = self.modules[path] = Module(path)
+                if not _is_elf(file):
+                    continue
+                mod = self.modules[path] = Module(path, file=None if file == path else file)
                 new.append(path)
             mod.mappings = maps
         for path in list(self.modules):
@@ -144,6 +162,11 @@ class Resolver:
                 return mod
         return None
 
+    def _check_unreadable(self, want: str) -> None:
+        for path, why in self.unreadable.items():
+            if module_matches(path, want):
+                raise ProbeError(f"cannot read the symbols of {why}")
+
     def _search_order(self) -> list[Module]:
         mods = list(self.modules.values())
         mods.sort(key=lambda m: (m.path != self.exe, m.mappings[0].start if m.mappings else 0))
@@ -160,6 +183,7 @@ class Resolver:
         if spec.module is not None:
             mod = self.find_module(spec.module)
             if mod is None:
+                self._check_unreadable(spec.module)
                 raise NotYet(f"module {spec.module!r} is not loaded (yet)")
             return self._in_module(spec, mod)
         for mod in self._search_order():
@@ -170,6 +194,8 @@ class Resolver:
                 continue
         if not final:
             raise NotYet(f"symbol {spec.symbol!r} not found yet")
+        for path in self.unreadable:
+            self._check_unreadable(path)
         names = []
         for mod in self._search_order():
             try:

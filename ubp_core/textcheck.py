@@ -6,7 +6,7 @@ the process must hold exactly the bytes of its file.
 
 from __future__ import annotations
 
-from .procmaps import read_maps
+from .procmaps import mapped_file, read_maps
 
 
 def text_differences(pid: int) -> list[tuple[str, int]]:
@@ -16,8 +16,11 @@ def text_differences(pid: int) -> list[tuple[str, int]]:
         for m in read_maps(pid):
             if not (m.executable and m.is_file):
                 continue
+            file = mapped_file(pid, m)  # the file as the program sees it
+            if file is None:
+                continue
             try:
-                with open(m.path, "rb") as f:
+                with open(file, "rb") as f:
                     f.seek(m.offset)
                     want = f.read(m.end - m.start)
             except OSError:
