@@ -220,6 +220,27 @@ def test_stop_from_another_thread_wakes_a_blocked_run(jobs):
         p.wait()
 
 
+def test_attach_to_a_program_its_parent_has_just_started():
+    """Attach right after Popen returns: the child can still be inside execve (the parent
+    is let go once the old memory is released, before the new image is complete), so
+    the exec event comes after UBP has read the new image and put breakpoints in it.
+    UBP must neither forget those breakpoints (the program would die of SIGTRAP at the
+    dynamic linker's rendezvous) nor write into the old memory."""
+    rounds = 40
+    for _ in range(rounds):
+        p = subprocess.Popen(["sleep", "30"])
+        try:
+            s = Session.attach(p.pid)
+            tp = s.probe("libc:exit")
+            assert s.run(timeout=0.05) is None and tp.error is None
+            assert p.poll() is None, f"the program died: wait status {p.returncode}"
+            assert tracer_of(p.pid) == 0 and text_differences(p.pid) == []
+        finally:
+            p.kill()
+            p.wait()
+    print(f"\n{rounds} attaches right after start, clean")
+
+
 # ---------------------------------------------------------------- ubp trace -p, signals
 def _ubp_trace(*args: str) -> subprocess.Popen:
     specs = []

@@ -25,8 +25,9 @@ from .fastcount import FastPatcher, FastRefused, FastSite, SharedCounters
 from .placement import Placement
 from .plugins import PluginSet, default_plugins
 from .ptrace import sys as pt
+from .ptrace.memory import ProcMem
 from .ptrace.process import spawn_traced
-from .ptrace.target import OPTIONS, Hub, PtraceTarget, reblock_sigtrap
+from .ptrace.target import OPTIONS, Hub, PtraceTarget, reblock_sigtrap, sigtrap_pending
 from .spec import ProbeSpec, parse_spec
 from .symbols import NotYet, Resolver
 from .target import Stop, StopKind
@@ -200,6 +201,13 @@ class Session:
         # stop one thread so symbols can be resolved and probes inserted
         leader = pid if pid in target.threads_ else seized[0]
         for early in target.stop_thread(leader):
+            if early.kind is StopKind.EVENT and early.event == "exec":
+                # caught inside execve (a program just started by its parent): the image
+                # is the new one now, which is what UBP reads next.  Handled later, the
+                # event would make UBP forget the breakpoints it is about to put in it.
+                target.mem.close()
+                target.mem = ProcMem(pid)  # opened before the exec: the old memory
+                continue
             target.queue.append(early)
         s._add_process(target)
         return s
@@ -391,13 +399,13 @@ class Session:
         for mod in proc.resolver.modules.values():
             try:
                 brk = mod.by_name.get("_dl_debug_state")
-                rdebug = mod.image.data_symbol("_r_debug")
+                if brk is None:
+                    continue
+                addr = mod.runtime(brk.address)
+                if addr is None:
+                    continue
+                rdebug = mod.image.data_symbol("_r_debug")  # (only the linker has it)
             except UbpError:
-                continue
-            if brk is None:
-                continue
-            addr = mod.runtime(brk.address)
-            if addr is None:
                 continue
             proc.r_debug = mod.runtime(rdebug, code=False) if rdebug else None
             p = proc.engine.add_probe(addr, self._rbrk_hit, label="<dynamic linker>")
@@ -662,8 +670,6 @@ class Session:
 
     def _clean_and_release(self, parent: Process, child: int) -> None:
         """Not following: put the original bytes back in the child, then let it go."""
-        from .ptrace.memory import ProcMem
-
         mem = ProcMem(child)
         try:
             for site in parent.engine.sites.values():
@@ -712,8 +718,6 @@ class Session:
                 tid = target.pid
             target.threads_[tid].stopped = True
             target.mem.close()
-            from .ptrace.memory import ProcMem
-
             target.mem = ProcMem(target.pid)
             target.xol_areas.clear()
             target.syscall_insn = None
@@ -790,6 +794,13 @@ class Session:
                     # interrupted before its out-of-line step ran: let the step finish
                     target.resume(tid, step=True)
                     busy = True
+                elif th is not None and th.stopped and tid not in pending \
+                        and sigtrap_pending(tid):
+                    # it hit a breakpoint but our interrupt was reported first: detached
+                    # now, it would die of that SIGTRAP.  Take the trap (the engine puts
+                    # the pc back on the instruction whose breakpoint is gone).
+                    target.queue.extend(target.take_pending_trap(tid))
+                    busy = True
             if not busy:
                 break
         engine.returns.restore()
@@ -853,7 +864,6 @@ def _shares_memory(pid: int, child: int, proc: Process) -> bool:
 
     Tested, not guessed: flip a byte through the child and look in the parent.  The byte
     is the last padding byte of the program's ELF header, which nothing reads."""
-    from .ptrace.memory import ProcMem
 
     exe = proc.resolver.modules.get(proc.resolver.exe)
     if exe is None or not exe.mappings:

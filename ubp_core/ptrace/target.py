@@ -107,6 +107,19 @@ def _in_trace_stop(tid: int) -> bool:
         return False
 
 
+def sigtrap_pending(tid: int) -> bool:
+    """SIGTRAP is pending for this thread alone (a breakpoint it hit whose stop an
+    interrupt overtook: the kernel reports a pending interrupt before dequeuing)."""
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            for line in f:
+                if line.startswith("SigPnd:"):
+                    return bool(int(line.split()[1], 16) & (1 << (signal.SIGTRAP - 1)))
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 _TRAP_STATUS = (signal.SIGTRAP << 8) | 0x7F  # stopped by SIGTRAP, no ptrace event
 
 
@@ -480,6 +493,24 @@ class PtraceTarget(Target):
             if not (s.kind is StopKind.EVENT and s.event == "interrupt"):
                 other.append(s)
         return other
+
+    def take_pending_trap(self, tid: int) -> list[Stop]:
+        """Let a stopped thread with SIGTRAP pending report it (it stops again at once,
+        before running any code); returns the stops it made."""
+        th = self.threads_.get(tid)
+        if th is None or not th.stopped:
+            return []
+        self.resume(tid)
+        deadline = time.monotonic() + 2.0
+        while tid in self.threads_ and not self.threads_[tid].stopped:
+            if not self.hub.pump(block=False):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.0002)
+        mine = [s for s in self.queue if s.tid == tid]
+        for s in mine:
+            self.queue.remove(s)
+        return mine
 
     def stop_others(self, tid: int) -> None:
         self.hub.inline = (self, tid)
