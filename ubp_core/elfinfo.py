@@ -15,6 +15,10 @@ from .errors import UbpError
 from .types import ElfIdent
 
 SHF_EXECINSTR = 0x4
+SHN_LORESERVE = 0xFF00  # section indices from here on are special (ABS, COMMON, ...)
+_TYPES = {0: "STT_NOTYPE", 1: "STT_OBJECT", 2: "STT_FUNC", 3: "STT_SECTION", 4: "STT_FILE",
+          5: "STT_COMMON", 6: "STT_TLS", 10: "STT_GNU_IFUNC"}
+_BINDS = {0: "STB_LOCAL", 1: "STB_GLOBAL", 2: "STB_WEAK", 10: "STB_GNU_UNIQUE"}
 
 
 class ElfFileError(UbpError):
@@ -32,8 +36,10 @@ class Symbol:
     name: str
     address: int  # st_value (link-time virtual address)
     size: int
-    kind: str  # "func", "ifunc", "object", ...
+    kind: str  # "func", or "label" (an untyped global symbol in code)
     binding: str
+    #: a non-default symbol version: code kept for old programs, not what a name binds to
+    hidden: bool = False
 
 
 def elf_ident_of(path: str) -> ElfIdent:
@@ -74,6 +80,7 @@ class ElfImage:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._ifuncs: set[str] = set()  # filled with :attr:`symbols`
         self._f = _open_file(path)
         try:
             self.elf = _open(self._f, path)
@@ -123,6 +130,44 @@ class ElfImage:
             return entry
         return None
 
+    def _raw_symbols(self, secname: str):
+        """(name, value, size, type, bind, shndx, hidden) of every entry of a symbol table,
+        unpacked with struct: pyelftools builds a parsed object per symbol, ten times
+        slower (0.2 s for libc), and that cost is paid by every probe of a new library."""
+        try:
+            sec = self.elf.get_section_by_name(secname)
+            if sec is None or sec["sh_type"] not in ("SHT_SYMTAB", "SHT_DYNSYM"):
+                return
+            data = sec.data()
+            strtab = self.elf.get_section(sec["sh_link"]).data()
+            versym = b""
+            if secname == ".dynsym":
+                vs = self.elf.get_section_by_name(".gnu.version")
+                versym = vs.data() if vs is not None else b""
+        except CORRUPT as exc:
+            raise ElfFileError(f"{self.path}: corrupt {secname} ({exc})") from None
+        order = "<" if self.elf.little_endian else ">"
+        # bit 15 of a symbol's version: hidden, not the default (an old version kept for
+        # programs linked long ago: memcpy@GLIBC_2.2.5 beside memcpy@@GLIBC_2.14)
+        hidden = [v & 0x8000 for (v,) in struct.iter_unpack(order + "H",
+                                                             versym[:len(versym) & ~1])]
+        if self.elf.elfclass == 64:
+            fmt, size = order + "IBBHQQ", 24
+        else:
+            fmt, size = order + "IIIBBH", 16
+        usable = len(data) - len(data) % size
+        for i, entry in enumerate(struct.iter_unpack(fmt, data[:usable])):
+            if size == 24:
+                st_name, info, _other, shndx, value, sz = entry
+            else:
+                st_name, value, sz, info, _other, shndx = entry
+            end = strtab.find(b"\0", st_name)
+            if st_name >= len(strtab) or end < 0:
+                continue  # a name outside the string table: no usable name
+            name = strtab[st_name:end].decode("utf-8", "replace")
+            yield (name, value, sz, _TYPES.get(info & 0xF), _BINDS.get(info >> 4), shndx,
+                   i < len(hidden) and bool(hidden[i]))
+
     @cached_property
     def symbols(self) -> list[Symbol]:
         """Function symbols from .symtab and .dynsym, one per (name, address).
@@ -134,44 +179,36 @@ class ElfImage:
         seen: set[tuple[str, int]] = set()
         out: list[Symbol] = []
         described: list[int] = []
+        code = self._code_sections
         for secname in (".symtab", ".dynsym"):
-            try:
-                sec = self.elf.get_section_by_name(secname)
-            except CORRUPT as exc:
-                raise ElfFileError(f"{self.path}: corrupt section headers ({exc})") from None
-            if sec is None or not hasattr(sec, "iter_symbols"):
-                continue
-            try:
-                for sym in sec.iter_symbols():
-                    kind = sym["st_info"]["type"]
-                    if kind not in ("STT_FUNC", "STT_GNU_IFUNC", "STT_NOTYPE") or not sym.name:
+            for name, address, size, kind, bind, shndx, hidden in self._raw_symbols(secname):
+                if kind == "STT_GNU_IFUNC" and shndx:
+                    # its code is the resolver that picks an implementation once, when
+                    # the library loads: a probe there would never see a call
+                    self._ifuncs.add(name.split("@")[0])
+                    continue
+                if kind not in ("STT_FUNC", "STT_NOTYPE") or not name:
+                    continue
+                special = shndx == 0 or shndx >= SHN_LORESERVE
+                if kind == "STT_NOTYPE" and not (  # a label in code (hand-written asm)
+                        not special and shndx in code and bind != "STB_LOCAL"):
+                    continue
+                if shndx == 0 or address == 0:  # undefined
+                    continue
+                name = name.split("@")[0]
+                if not special and shndx not in code:
+                    entry = self._descriptor_entry(address)
+                    if entry is None:
                         continue
-                    if kind == "STT_NOTYPE" and not (  # a label in code (hand-written asm)
-                            isinstance(sym["st_shndx"], int)
-                            and sym["st_shndx"] in self._code_sections
-                            and sym["st_info"]["bind"] != "STB_LOCAL"):
-                        continue
-                    if sym["st_shndx"] == "SHN_UNDEF" or sym["st_value"] == 0:
-                        continue
-                    name = sym.name.split("@")[0]
-                    address, size = sym["st_value"], sym["st_size"]
-                    shndx = sym["st_shndx"]
-                    if isinstance(shndx, int) and shndx not in self._code_sections:
-                        entry = self._descriptor_entry(address)
-                        if entry is None:
-                            continue
-                        address, size = entry, 0
-                        described.append(len(out))
-                    key = (name, address)
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    out.append(Symbol(name, address, size,
-                                      {"STT_GNU_IFUNC": "ifunc", "STT_NOTYPE": "label"}.get(
-                                          kind, "func"),
-                                      sym["st_info"]["bind"]))
-            except CORRUPT as exc:
-                raise ElfFileError(f"{self.path}: corrupt {secname}: {exc}") from None
+                    address, size = entry, 0
+                    described.append(len(out))
+                key = (name, address)
+                if key in seen:
+                    continue
+                seen.add(key)
+                out.append(Symbol(name, address, size,
+                                  "label" if kind == "STT_NOTYPE" else "func",
+                                  bind or "STB_LOCAL", hidden))
         if described:
             starts = sorted({s.address for s in out})
             ends = [hi for _, hi in self.executable_ranges()]
@@ -182,6 +219,12 @@ class ElfImage:
                 end = min(starts[nxt], limit) if nxt < len(starts) else limit
                 out[i] = Symbol(sym.name, sym.address, end - sym.address, sym.kind, sym.binding)
         return out
+
+    @property
+    def ifuncs(self) -> set[str]:
+        """Names of GNU indirect functions (not in :attr:`symbols`)."""
+        self.symbols  # noqa: B018 (reading the tables fills the set)
+        return self._ifuncs
 
     def functions(self) -> list[Symbol]:
         """Function symbols with a size, one per address (aliases folded)."""
@@ -211,16 +254,9 @@ class ElfImage:
         """Link-time address of a data (or any) symbol, e.g. the dynamic linker's
         ``_r_debug``; None when absent."""
         for secname in (".dynsym", ".symtab"):
-            try:
-                sec = self.elf.get_section_by_name(secname)
-                if sec is None or not hasattr(sec, "get_symbol_by_name"):
-                    continue
-                found = sec.get_symbol_by_name(name)
-            except CORRUPT:
-                continue
-            for sym in found or ():
-                if sym["st_shndx"] != "SHN_UNDEF" and sym["st_value"]:
-                    return sym["st_value"]
+            for sym, value, _size, _kind, _bind, shndx, _hidden in self._raw_symbols(secname):
+                if value and shndx != 0 and sym.split("@")[0] == name:
+                    return value
         return None
 
     def in_memory_image(self, vaddr: int) -> bool:

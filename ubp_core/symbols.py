@@ -38,9 +38,13 @@ class Module:
     def by_name(self) -> dict[str, Symbol]:
         if self._by_name is None:
             table: dict[str, Symbol] = {}
+            ifuncs = self.image.ifuncs
             for sym in self.image.symbols:
                 have = table.get(sym.name)
-                if have is None or (have.size == 0 and sym.size):
+                if sym.hidden and (sym.name in ifuncs or (have is not None and not have.hidden)):
+                    continue  # an old version: programs linked today call the default
+                if have is None or (have.hidden and not sym.hidden) or (
+                        have.size == 0 and sym.size):
                     table[sym.name] = sym
             self._by_name = table
         return self._by_name
@@ -196,6 +200,8 @@ class Resolver:
             raise NotYet(f"symbol {spec.symbol!r} not found yet")
         for path in self.unreadable:
             self._check_unreadable(path)
+        for mod in self._search_order():
+            _check_ifunc(spec, mod)
         names = []
         for mod in self._search_order():
             try:
@@ -257,6 +263,7 @@ class Resolver:
             return Resolved(addr, mod.path, None, spec.offset)
         sym = mod.by_name.get(spec.symbol)
         if sym is None:
+            _check_ifunc(spec, mod)
             raise ProbeError(_unknown(spec.symbol, mod.path, list(mod.by_name)))
         if spec.offset:
             if sym.size and spec.offset >= sym.size:
@@ -310,6 +317,19 @@ def _unknown(symbol: str | None, where: str, names: list[str]) -> str:
     close = difflib.get_close_matches(symbol or "", sorted(set(names)), n=3, cutoff=0.75)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return f"unknown symbol {symbol!r} in {where}{hint}"
+
+
+def _check_ifunc(spec: ProbeSpec, mod: Module) -> None:
+    try:
+        is_ifunc = spec.symbol in mod.image.ifuncs
+    except ElfFileError:
+        return
+    if is_ifunc:
+        raise ProbeError(
+            f"probe {spec.text!r}: {spec.symbol} is an indirect function (IFUNC) in "
+            f"{mod.name}: its symbol is the resolver that picks an implementation once, "
+            "when the library is loaded, so a probe there never sees a call; probe the "
+            "implementation (by its name where the library has one, or by address)")
 
 
 def _is_elf(path: str) -> bool:
