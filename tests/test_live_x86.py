@@ -277,3 +277,34 @@ def test_spawned_program_gets_default_signal_dispositions(tmp_path):
     subprocess.run(["gcc", "-o", str(exe), str(src)], check=True)
     out = ubp("trace", "--count", "main", "--", str(exe))
     assert out.stdout == "0\n"
+
+
+def test_default_policy_boosts_what_emulation_would_pay_memory_for():
+    """Under ptrace, emulating push costs one more system call (the stack write through
+    /proc/PID/mem) than boosting it: the default policy boosts push, emulates a jump (no
+    memory), and still emulates push when asked.  A target without that cost (the GDB
+    remote one, where boosting makes qemu drop translated code) keeps emulating."""
+    from ubp_core import policy
+    from ubp_core.plugins import default_plugins
+    from ubp_core.types import Insn, Strategy
+
+    arch = default_plugins().arch("x86_64")
+    push = arch.analyze(Insn(0x1000, b"\x55", "push", "rbp"))
+    jmp = arch.analyze(Insn(0x1000, b"\xeb\x10", "jmp", "0x1012"))
+    assert push.emulation_touches_memory and not jmp.emulation_touches_memory
+    assert policy.candidates(push, prefer_boost=True)[0] is Strategy.BOOST
+    assert policy.candidates(push)[0] is Strategy.EMULATE
+    assert policy.candidates(jmp, prefer_boost=True)[0] is Strategy.EMULATE
+
+    p = subprocess.Popen(["sleep", "30"])
+    try:
+        time.sleep(0.2)
+        s = Session.attach(p.pid)
+        chosen = s.probe("libc:malloc")  # push r12
+        asked = s.probe("libc:puts", strategy="emulate")  # push r14
+        assert chosen.strategy_name == "boost" and asked.strategy_name == "emulate"
+        s.detach()
+        assert text_differences(p.pid) == []
+    finally:
+        p.kill()
+        p.wait()

@@ -115,7 +115,9 @@ def _account(arch, insn, out: FileAnalysis, want_listing: bool, fname: str, read
         if Strategy.BOOST in analysis.strategies and Strategy.EMULATE not in analysis.strategies:
             slot = insn.address + TYPICAL_SLOT_DISTANCE
             boost_ok = arch.boost(analysis, slot) is not None
-        chosen = policy.default_strategy(analysis, boost_ok)
+        # the policy of a live (ptrace) target, where emulating a memory access costs
+        # a system call that boosting saves
+        chosen = policy.default_strategy(analysis, boost_ok, prefer_boost=True)
         key = chosen.value if chosen else "refused"
     out.strategies[key] += 1
     if want_listing:

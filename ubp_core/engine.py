@@ -319,7 +319,8 @@ class Engine:
                         f"{site.address:#x}; {site.address:#x} is not an instruction boundary")
 
     def _make_site(self, address: int, analysis: Analysis, requested: Strategy | None) -> Site:
-        tries = policy.candidates(analysis, requested)
+        tries = policy.candidates(analysis, requested,
+                                  prefer_boost=self.target.boost_cheaper_than_memory)
         original = self.read_instruction(address)[:len(self._bp)]
         for strategy in tries:
             site = Site(address, original, analysis, strategy)

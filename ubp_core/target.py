@@ -61,6 +61,10 @@ class Target(ABC):
     #: registers as attributes (``regs.rip``): the engine's hit path then avoids
     #: the mapping protocol's method calls
     regs_by_attribute: bool = False
+    #: True when a memory access costs a request of its own while running code out of
+    #: line does not (ptrace: a system call per access): the default policy then boosts
+    #: instructions whose emulation would touch memory (measured in bench/hits.py)
+    boost_cheaper_than_memory: bool = False
 
     @abstractmethod
     def read_memory(self, address: int, size: int) -> bytes:

@@ -78,6 +78,9 @@ class Analysis:
     #: instruction itself when None); 0: anywhere
     ssol_reach: int = 0
     ssol_near: int | None = None
+    #: emulating it reads or writes the program's memory (a stack push, a return
+    #: address): one more request to the target per hit, which boosting does not make
+    emulation_touches_memory: bool = False
 
     @property
     def accepted(self) -> bool:

@@ -280,6 +280,8 @@ class PtraceTarget(Target):
 
     regs_by_attribute = True  # UserRegs: a register is an attribute too (the fast way)
     regs_class = UserRegs  # its fields' own descriptors set the pc without a Python frame
+    # emulating push costs a /proc/PID/mem write: 21.4 vs 15.8 us/hit boosted, pinned
+    boost_cheaper_than_memory = True
 
     def __init__(self, pid: int, arch: ArchOps, hub: Hub, *, spawned: bool) -> None:
         self.pid = pid
