@@ -204,6 +204,9 @@ class Engine:
         self._ids = itertools.count(1)
         self._slot_code: dict[int, bytes] = {}
         self._pc = self.arch.abi.pc
+        self._emulate = self.arch.emulate
+        self._read = target.read_memory
+        self._write = target.write_memory
         self._bp = self.arch.breakpoint
         self._pc_after = self.arch.pc_after_trap
         if getattr(target, "regs_by_attribute", False):
@@ -517,13 +520,29 @@ class Engine:
             target.set_regs(tid, regs)
             target.resume(tid)
             return True
+        strategy = site.strategy
         slot = site.boost_slot
-        if slot is not None and site.strategy is Strategy.BOOST:
+        if slot is not None and strategy is Strategy.BOOST:
             setpc(regs, slot)
             target.set_regs_and_resume(tid, regs)
             return True
+        if strategy is Strategy.EMULATE:
+            # the other one-stop path, inline like boost's: emulate, write, resume
+            effect = self._emulate(site.analysis, regs, self._read)
+            if effect is not None and not effect.extra:
+                try:
+                    for address, data in effect.mem:
+                        self._write(address, data)
+                except MemoryFault:
+                    # the slow path tries again and falls back to a step, which faults as
+                    # the CPU would (a write that went through is rewritten: same bytes)
+                    pass
+                else:
+                    regs.update(effect.regs)
+                    target.set_regs_and_resume(tid, regs)
+                    return True
         try:
-            self._execute(tid, site, regs, site.strategy)
+            self._execute(tid, site, regs, strategy)
         except BaseException:
             ts = self.threads.get(tid)
             if ts is None or ts.step is None:
