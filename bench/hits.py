@@ -100,6 +100,8 @@ def _uprobes(exe: str, site: str, prog: list[str], pinned: bool) -> int | None:
 
 ROWS = [
     # (label, kind, options)
+    # what a user gets without choosing (push: boost under ptrace; lea: boost)
+    ("ubp default policy, no-op handler", "ubp", {"strategy": None, "handler": "noop"}),
     ("ubp emulate, no-op handler", "ubp", {"strategy": "emulate", "handler": "noop"}),
     ("ubp emulate, counting", "ubp", {"strategy": "emulate", "handler": "count"}),
     ("ubp boost, no-op handler", "ubp", {"strategy": "boost", "handler": "noop"}),
