@@ -6,7 +6,8 @@
 A loop calls one function N times (bench/loop.c); the program times the loop itself.
 µs per hit = (loop time with the probe - loop time without) / N, median of R runs.
 Two sites: ``push`` (a function starting with push %rbp, which Linux uprobes emulates)
-and ``lea`` (one starting with lea, which Linux uprobes must single-step).  Every row
+and ``lea`` (one starting with lea, which Linux uprobes must single-step); ``--sites
+push,lea,jmp`` adds ``jmp`` (a short jump: emulated, no memory touched).  Every row
 runs pinned (tracer and program on CPU 0: taskset -c 0) and unpinned.
 
 Rows: trap-free counting (``--fast``: no stop at all); each UBP strategy with a no-op
@@ -29,7 +30,9 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SITES = ("push", "lea")
+SITES = ("push", "lea", "jmp")  # jmp: opt-in (--sites push,lea,jmp)
+#: lea cannot be emulated, a relative jmp cannot be boosted (it leaves the slot)
+NOT_APPLICABLE = {("emulate", "lea"), ("boost", "jmp")}
 
 
 def build(out_dir: str) -> str:
@@ -140,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
             bare = statistics.median(measure("bare", exe, site, args.calls, pinned)
                                      for _ in range(args.repeat))
             for label, kind, opts in rows:
-                if kind == "ubp" and opts["strategy"] == "emulate" and site == "lea":
-                    continue  # lea is not emulated: the forced strategy is refused
+                if (kind == "ubp" and (opts["strategy"], site) in NOT_APPLICABLE) \
+                        or (opts.get("fast") and site == "jmp"):
+                    continue  # a forced strategy the site refuses; a jump too short to patch
                 calls, base = args.calls, bare
                 if "calls_factor" in opts:
                     opts = dict(opts)

@@ -153,10 +153,14 @@ def test_job_control_while_traced(progs, strategy):
     """SIGSTOP and SIGTSTP from outside stop every thread of a traced program (its own
     counter does not move), SIGCONT restarts it and reaches its handler once per cycle;
     at the end the calls it counted equal UBP's hits."""
+    # a process group of its own, whose leader's parent (pytest) is in another group of
+    # the same session: not orphaned, so the kernel delivers SIGTSTP (it discards TSTP,
+    # TTIN and TTOU sent to an orphaned group, as CI runners' groups can be)
     u = subprocess.Popen([sys.executable, "-m", "ubp_core.cli", "trace", "--json",
                           "--strategy", strategy, "job_work", "job_work+1", "--",
                           progs["jobs"], "8"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         process_group=0)
     try:
         head = _figures(u.stdout.readline())
         pid, addr = int(head["pid"]), int(head["counter"], 16)
