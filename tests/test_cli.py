@@ -77,3 +77,28 @@ def test_conformance_unknown_arch():
     out = ubp("conformance", "vax")
     assert out.returncode == 2
     assert "no plugin for architecture 'vax'" in out.stderr
+
+
+def test_conformance_corpus_libc_finds_the_arch_libc():
+    """`--corpus libc` names the arch's libc.so.6 (native or cross), chosen by its ELF
+    header; with none installed, a clear error says what to install."""
+    out = ubp("conformance", "x86_64", "--corpus", "libc", "--sample", "30",
+              "--no-plugin-cases", "--cpu", "unicorn", "--json")
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    assert d["corpus"] == {"/lib/x86_64-linux-gnu/libc.so.6": 30,
+                           "/lib/x86_64-linux-gnu/libc.so.6 (available)": 108284}
+    assert d["failed"] == 0 and d["passed"] == 30
+
+
+def test_conformance_corpus_libc_missing_says_what_to_install(monkeypatch):
+    import pytest
+
+    from ubp_core import cli
+    from ubp_core.errors import UbpError
+    from ubp_core.plugins import default_plugins
+
+    plugins = default_plugins()
+    monkeypatch.setattr(cli, "LIBC_GLOBS", ("/nonexistent/*/libc.so.6",))
+    with pytest.raises(UbpError, match=r"no libc\.so\.6 for x86_64 .* install"):
+        cli._libc_for(plugins, plugins.arch("x86_64"))

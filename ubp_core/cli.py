@@ -53,6 +53,32 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+LIBC_GLOBS = ("/lib/*-linux-gnu*/libc.so.6", "/usr/lib/*-linux-gnu*/libc.so.6",
+              "/usr/*-linux-gnu*/lib/libc.so.6", "/lib64/libc.so.6", "/usr/lib64/libc.so.6",
+              "/lib/libc.so.6", "/usr/lib/libc.so.6")
+
+
+def _libc_for(plugins, arch) -> str:
+    """``--corpus libc``: the first libc.so.6 on the usual native and cross paths whose
+    ELF header is this arch's (the header decides, not the directory's name)."""
+    import glob
+
+    from .elfinfo import elf_ident_of
+
+    seen = []
+    for pattern in LIBC_GLOBS:
+        for path in sorted(glob.glob(pattern)):
+            seen.append(path)
+            try:
+                if plugins.arch_for_elf(elf_ident_of(path), path).name == arch.name:
+                    return path
+            except UbpError:
+                continue
+    raise UbpError(f"no libc.so.6 for {arch.name} in {', '.join(LIBC_GLOBS)} "
+                   f"({len(seen)} other libcs found); install the arch's libc (Debian: the "
+                   "libc6-<arch>-cross package) or give its path to --corpus")
+
+
 def _cmd_conformance(args: argparse.Namespace) -> int:
     from .conformance import corpus
     from .conformance.kit import default_jobs, progress_printer, run_cases
@@ -65,6 +91,8 @@ def _cmd_conformance(args: argparse.Namespace) -> int:
         cases += corpus.plugin_cases(arch)
         sizes["plugin"] = len(cases)
     for path in args.corpus or ():
+        if path == "libc":
+            path = _libc_for(plugins, arch)
         got, total = corpus.elf_cases(arch, path, args.sample, args.seed)
         cases += got
         sizes[path] = len(got)
@@ -125,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "on reference CPUs")
     a.add_argument("arch")
     a.add_argument("--corpus", action="append", metavar="ELF",
-                   help="harvest instructions from this ELF file (repeatable)")
+                   help="harvest instructions from this ELF file (repeatable); 'libc': "
+                        "the arch's libc.so.6, native or cross")
     a.add_argument("--sample", type=int, help="at most N instructions per corpus file")
     a.add_argument("--random", type=int, default=0, metavar="N",
                    help="also N random valid encodings")
