@@ -37,6 +37,21 @@ def jobs(tmp_path_factory):
     return build(str(tmp_path_factory.mktemp("tracer")), ["jobs"])["jobs"]
 
 
+def reap(p: subprocess.Popen) -> None:
+    """Wait for a killed program.  If a failed test left this process its tracer, its
+    threads are zombies only their tracer can collect (waitpid with __WALL), and the
+    leader cannot be reaped before them: collect them, or teardown would hang."""
+    deadline = time.monotonic() + 30
+    while p.poll() is None and time.monotonic() < deadline:
+        try:
+            for tid in os.listdir(f"/proc/{p.pid}/task"):
+                if int(tid) != p.pid:
+                    os.waitpid(int(tid), os.WNOHANG | 0x40000000)
+        except (OSError, ChildProcessError):
+            pass
+        time.sleep(0.01)
+
+
 class Program:
     """jobs.c running untraced; tests attach to it."""
 
@@ -68,7 +83,7 @@ class Program:
     def close(self) -> None:
         if self.p.poll() is None:
             self.p.kill()
-            self.p.wait()
+            reap(self.p)
 
 
 @pytest.fixture

@@ -328,18 +328,19 @@ class Engine:
         for strategy in tries:
             site = Site(address, original, analysis, strategy)
             if strategy is Strategy.BOOST:
+                why = "no XOL slot within reach of the jump back"
                 try:
                     slot = self.xol.slot(address)
-                except TargetError:
+                except TargetError as exc:
                     slot = None
+                    why += f" ({exc})"
                 code = self.arch.boost(analysis, slot) if slot is not None else None
                 if code is None:
                     if slot is not None:
                         self.xol.release(slot)
                     if requested is Strategy.BOOST:
-                        raise RefusedError(
-                            f"cannot boost {policy.describe(analysis)}: no XOL slot within "
-                            f"reach of the jump back", "boost out of reach")
+                        raise RefusedError(f"cannot boost {policy.describe(analysis)}: {why}",
+                                           "boost out of reach")
                     continue
                 self.target.write_memory(slot, code)
                 site.boost_slot = slot

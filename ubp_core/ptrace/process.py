@@ -166,6 +166,12 @@ class SyscallInjector:
             ws = waitpid(tid)
             if ws is None or ws.exited:
                 raise TargetError(f"thread {tid} died during an injected {name}()")
+            if ws.event:
+                # an event stop before anything ran (an interrupt still pending from an
+                # earlier stop_thread, a group stop): not our step's trap, step again.
+                # Taken for it, the call's number would read back as its result.
+                pt.ptrace(pt.PTRACE_SINGLESTEP, tid, 0, 0)
+                continue
             if ws.stopsig == signal.SIGTRAP:
                 break
             # another signal arrived first: hold it for the caller, step on
