@@ -23,6 +23,7 @@ import pytest
 from hardening import build, tracer_of, wait_for
 
 from ubp_core.errors import TargetError
+from ubp_core.ptrace.process import reap_traced_threads
 from ubp_core.session import Session
 from ubp_core.textcheck import text_differences
 
@@ -43,12 +44,7 @@ def reap(p: subprocess.Popen) -> None:
     leader cannot be reaped before them: collect them, or teardown would hang."""
     deadline = time.monotonic() + 30
     while p.poll() is None and time.monotonic() < deadline:
-        try:
-            for tid in os.listdir(f"/proc/{p.pid}/task"):
-                if int(tid) != p.pid:
-                    os.waitpid(int(tid), os.WNOHANG | 0x40000000)
-        except (OSError, ChildProcessError):
-            pass
+        reap_traced_threads(p.pid)
         time.sleep(0.01)
 
 

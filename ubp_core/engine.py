@@ -206,7 +206,6 @@ class Engine:
         self._pc = self.arch.abi.pc
         self._emulate = self.arch.emulate
         self._read = target.read_memory
-        self._write = target.write_memory
         self._bp = self.arch.breakpoint
         self._pc_after = self.arch.pc_after_trap
         if getattr(target, "regs_by_attribute", False):
@@ -528,20 +527,12 @@ class Engine:
             target.set_regs_and_resume(tid, regs)
             return True
         if strategy is Strategy.EMULATE:
-            # the other one-stop path, inline like boost's: emulate, write, resume
+            # the other one-stop path, straight from here like boost's.  A write that
+            # faults leaves it to the slow path, which falls back to a step that faults
+            # as the CPU would
             effect = self._emulate(site.analysis, regs, self._read)
-            if effect is not None and not effect.extra:
-                try:
-                    for address, data in effect.mem:
-                        self._write(address, data)
-                except MemoryFault:
-                    # the slow path tries again and falls back to a step, which faults as
-                    # the CPU would (a write that went through is rewritten: same bytes)
-                    pass
-                else:
-                    regs.update(effect.regs)
-                    target.set_regs_and_resume(tid, regs)
-                    return True
+            if effect is not None and self._apply(tid, regs, effect, resume=True):
+                return True
         try:
             self._execute(tid, site, regs, strategy)
         except BaseException:

@@ -26,7 +26,7 @@ from .placement import Placement
 from .plugins import PluginSet, default_plugins
 from .ptrace import sys as pt
 from .ptrace.memory import ProcMem
-from .ptrace.process import spawn_traced
+from .ptrace.process import reap_traced_threads, spawn_traced, task_state
 from .ptrace.target import OPTIONS, Hub, PtraceTarget, reblock_sigtrap, sigtrap_pending
 from .spec import ProbeSpec, parse_spec
 from .symbols import NotYet, Resolver
@@ -205,8 +205,7 @@ class Session:
                 # caught inside execve (a program just started by its parent): the image
                 # is the new one now, which is what UBP reads next.  Handled later, the
                 # event would make UBP forget the breakpoints it is about to put in it.
-                target.mem.close()
-                target.mem = ProcMem(pid)  # opened before the exec: the old memory
+                target.reopen_memory()
                 continue
             target.queue.append(early)
         s._add_process(target)
@@ -523,18 +522,11 @@ class Session:
             return None
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:  # its threads die first, then the leader
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    state = f.read().rsplit(")", 1)[1].split()[0]
-            except (OSError, IndexError):
+            state = task_state(pid)
+            if state is None:
                 return self.exit_status
             if state in "ZX":
-                try:  # its traced threads are ours to reap before the leader can be
-                    for tid in os.listdir(f"/proc/{pid}/task"):
-                        if int(tid) != pid:
-                            os.waitpid(int(tid), os.WNOHANG | 0x40000000)
-                except (OSError, ValueError):
-                    pass
+                reap_traced_threads(pid)
                 try:
                     got, status = os.waitpid(pid, os.WNOHANG | 0x40000000)  # __WALL
                 except ChildProcessError:
@@ -717,8 +709,7 @@ class Session:
                 target.add_thread(target.pid, stopped=True)
                 tid = target.pid
             target.threads_[tid].stopped = True
-            target.mem.close()
-            target.mem = ProcMem(target.pid)
+            target.reopen_memory()
             target.xol_areas.clear()
             target.syscall_insn = None
             proc.resolver.close()
@@ -864,7 +855,6 @@ def _shares_memory(pid: int, child: int, proc: Process) -> bool:
 
     Tested, not guessed: flip a byte through the child and look in the parent.  The byte
     is the last padding byte of the program's ELF header, which nothing reads."""
-
     exe = proc.resolver.modules.get(proc.resolver.exe)
     if exe is None or not exe.mappings:
         return False

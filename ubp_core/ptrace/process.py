@@ -19,6 +19,30 @@ MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED, MAP_FIXED_NOREPLACE = (
     0x01, 0x02, 0x20, 0x10, 0x100000)
 
 
+__WALL = 0x40000000  # wait for every kind of child, threads included
+
+
+def task_state(tid: int) -> str | None:
+    """A task's state letter from /proc/TID/stat (R, S, t, T, Z, ...); None: gone."""
+    try:
+        with open(f"/proc/{tid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def reap_traced_threads(pid: int) -> None:
+    """Collect the exited non-leader threads of a process this tracer traces: they are
+    zombies only their tracer can reap (waitpid with __WALL), and the leader cannot be
+    reaped before them."""
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            if int(tid) != pid:
+                os.waitpid(int(tid), os.WNOHANG | __WALL)
+    except (OSError, ValueError):
+        pass
+
+
 def prot_bits(prot: str) -> int:
     return sum(PROT[c] for c in prot)
 

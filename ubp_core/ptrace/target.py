@@ -39,6 +39,7 @@ from .process import (
     getregs,
     prot_bits,
     setregs,
+    task_state,
     waitpid,
 )
 from .regs import UserRegs, set_xstate_extra
@@ -100,11 +101,7 @@ def reblock_sigtrap(tid: int) -> None:
 
 
 def _in_trace_stop(tid: int) -> bool:
-    try:
-        with open(f"/proc/{tid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "t"
-    except (OSError, IndexError):
-        return False
+    return task_state(tid) == "t"
 
 
 def sigtrap_pending(tid: int) -> bool:
@@ -379,6 +376,11 @@ class PtraceTarget(Target):
     def write_memory(self, address: int, data: bytes) -> None:
         self.mem.write(address, data)
 
+    def reopen_memory(self) -> None:
+        """A new program image (exec): /proc/PID/mem opened before it reads the old."""
+        self.mem.close()
+        self.mem = ProcMem(self.pid)
+
     # ------------------------------------------------------------------ registers
     def _thread(self, tid: int) -> Thread:
         th = self.threads_.get(tid)
@@ -477,24 +479,8 @@ class PtraceTarget(Target):
         if th is None or th.stopped:
             return []
         self.interrupt(tid)
-        other: list[Stop] = []
-        deadline = time.monotonic() + 0.5
-        while tid in self.threads_ and not self.threads_[tid].stopped:
-            if self.hub.pump(block=False):
-                continue
-            if time.monotonic() > deadline and _in_trace_stop(tid):
-                # stopped, but its wait status is gone (taken by an interrupted waitpid)
-                th.stopped = True
-                th.regs_valid = False
-                break
-            time.sleep(0.0005)
-        # pick this thread's stops out of the queue
-        mine = [s for s in self.queue if s.tid == tid]
-        for s in mine:
-            self.queue.remove(s)
-            if not (s.kind is StopKind.EVENT and s.event == "interrupt"):
-                other.append(s)
-        return other
+        return [s for s in self._await_stop(tid)
+                if not (s.kind is StopKind.EVENT and s.event == "interrupt")]
 
     def take_pending_trap(self, tid: int) -> list[Stop]:
         """Let a stopped thread with SIGTRAP pending report it (it stops again at once,
@@ -503,12 +489,21 @@ class PtraceTarget(Target):
         if th is None or not th.stopped:
             return []
         self.resume(tid)
-        deadline = time.monotonic() + 2.0
+        return self._await_stop(tid)
+
+    def _await_stop(self, tid: int) -> list[Stop]:
+        """Wait until a thread just asked to stop is stopped; take its queued stops."""
+        deadline = time.monotonic() + 0.5
         while tid in self.threads_ and not self.threads_[tid].stopped:
-            if not self.hub.pump(block=False):
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.0002)
+            if self.hub.pump(block=False):
+                continue
+            if time.monotonic() > deadline and _in_trace_stop(tid):
+                # stopped, but its wait status is gone (taken by an interrupted waitpid)
+                th = self.threads_[tid]
+                th.stopped = True
+                th.regs_valid = False
+                break
+            time.sleep(0.0005)
         mine = [s for s in self.queue if s.tid == tid]
         for s in mine:
             self.queue.remove(s)
