@@ -109,3 +109,43 @@ def test_arbitrary_bytes_only_raise_decode_error(x86, raw, address):
         return
     a = x86.analyze(insn)
     assert check_analysis(x86, a) is None
+
+
+def test_emulation_touches_memory_exactly_where_the_analysis_says(x86, libc_x86):
+    """The flag the ptrace policy reads (`emulation_touches_memory`: boost such
+    instructions, since each access is a system call) is proved by running the plugin's
+    own emulator (itself proved against reference CPUs by the conformance kit) on every
+    emulable instruction of a libc sample: unflagged ones never read or write memory."""
+    import random
+
+    from ubp_core.conformance.corpus import elf_cases
+    from ubp_core.ptrace.regs import UserRegs
+
+    cases, _total = elf_cases(x86, libc_x86, 20000, seed=7)
+    rng = random.Random(7)
+    flagged = touched = unflagged = 0
+    for case in cases:
+        try:
+            analysis = x86.analyze(x86.decode(case.raw, case.address))
+        except DecodeError:
+            continue
+        if E not in analysis.strategies:
+            continue
+        regs = UserRegs()
+        for name in regs.names:
+            regs[name] = rng.getrandbits(47) & ~7
+        reads = []
+
+        def read(address, size, reads=reads):
+            reads.append(address)
+            return bytes(size)
+
+        effect = x86.emulate(analysis, regs, read)
+        used = bool(reads) or bool(effect is not None and effect.mem)
+        if analysis.emulation_touches_memory:
+            flagged += 1
+            touched += used
+        else:
+            unflagged += 1
+            assert not used, (analysis.insn.text, reads, effect)
+    assert unflagged > 1000 and flagged > 1000 and touched == flagged

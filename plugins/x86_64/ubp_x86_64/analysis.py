@@ -161,7 +161,7 @@ class Analyzer:
             assert lay.disp_off is not None
             disp = int.from_bytes(raw[lay.disp_off:lay.disp_off + 4], "little", signed=True)
             reach, near = 1 << 31, (insn.address + insn.length + disp) & ((1 << 64) - 1)
-        touches = kind in ("push", "pop", "call", "ret") or plan.mem is not None
+        touches = kind in ("push", "pop", "ret") or plan.call or plan.mem is not None
         return Analysis(insn, frozenset(strategies), None, kind, plan, volatile, faults,
                         reach, near, emulation_touches_memory=touches)
 
