@@ -35,7 +35,8 @@ def run_ubp(opts: dict, argv: list[str]) -> int:
 
     handler = {"noop": lambda hit: None, "count": count, "none": None}[opts["handler"]]
     if opts.get("fast"):
-        tp = s.probe(f"site_{opts['site']}", fast=True)
+        # with a handler: the futex rendezvous (ubp_core.rendezvous); without: counting
+        tp = s.probe(f"site_{opts['site']}", handler, fast=True)
         if tp.strategy_name != "trap-free":
             raise SystemExit(f"no trap-free probe: {tp.fast_note}")
     else:

@@ -118,6 +118,10 @@ ROWS = [
     # nanoseconds it adds stand out of the loop's own noise
     ("ubp trap-free counting (--fast)", "ubp",
      {"strategy": None, "handler": "none", "fast": True, "calls_factor": 1000}),
+    # no stop either, but the handler runs in UBP: a futex round trip per hit
+    ("ubp trap-free, no-op handler", "ubp", {"strategy": None, "handler": "noop",
+                                            "fast": True}),
+    ("ubp trap-free, counting", "ubp", {"strategy": None, "handler": "count", "fast": True}),
     ("minimal ctypes loop, 1 stop", "minimal", {"stops": 1}),
     ("minimal ctypes loop, 2 stops", "minimal", {"stops": 2}),
     ("Linux uprobes (perf)", "uprobes", {}),

@@ -95,8 +95,10 @@ def test_attach_detach_restores_text_and_maps_nothing_writable_and_executable(pr
         try:
             tp = s.probe("tick", fast=True)
             s.probe("libc:usleep", fast=True)
-            with pytest.raises(ProbeError, match="only counts"):
-                s.probe("tick", lambda hit: None, fast=True)
+            with pytest.raises(ProbeError, match="entries only"):
+                s.probe("tick%return", fast=True)
+            with pytest.raises(ProbeError, match="entries only"):
+                s.probe("tick", lambda hit: None, fast=True, strategy="boost")
             with pytest.raises(ProbeError, match="cannot be disabled"):
                 s.disable(tp)
             assert tp.strategy_name == "trap-free", tp.fast_note
@@ -121,6 +123,6 @@ def test_attach_detach_restores_text_and_maps_nothing_writable_and_executable(pr
         p.wait()
 
 
-def test_fast_needs_count(progs):
-    out = ubp("trace", "--fast", "tick", "--", progs["forks"])
-    assert out.returncode == 2 and "needs --count" in out.stderr
+def test_fast_takes_no_strategy(progs):
+    out = ubp("trace", "--fast", "--strategy", "boost", "tick", "--", progs["forks"])
+    assert out.returncode == 2 and "takes no --strategy" in out.stderr

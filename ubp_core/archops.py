@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from .types import (
     Abi,
@@ -212,6 +213,22 @@ class ArchOps(ABC):
         ``fast_jump_size`` bytes) relocated, then jump to the instruction after them.
         Return a reason string when these instructions cannot be relocated."""
         return f"{self.name} has no trap-free probes"
+
+    def rendezvous_trampoline(self, analyses: Sequence[Analysis], tramp: int, counter: int,
+                              mailbox: int, site_id: int, missed: int) -> bytes | str:
+        """Like :meth:`counting_trampoline`, but the thread also meets UBP at the mailbox
+        (protocol and layout: ubp_core.rendezvous) so a handler runs before the relocated
+        instructions: save the registers in ``regs_view`` layout at mailbox+REGS, take
+        the PI-futex lock, publish ``site_id``, wake UBP, sleep until ANSWERED or CLOSED,
+        load the registers back (on ANSWERED), release the lock.  Where the lock or the
+        mailbox cannot be had, add one to the word at ``missed`` and run on.  A reason
+        string when this arch or these instructions cannot do it."""
+        return f"{self.name} has no trap-free handler probes"
+
+    def rendezvous_regs(self, buffer: Any, offset: int) -> Regs:
+        """A register mapping viewing the mailbox's register file at ``offset`` of
+        ``buffer`` (writable: a handler's changes go back to the thread)."""
+        raise NotImplementedError(f"{self.name} has no trap-free handler probes")
 
     def jump_patch(self, site: int, tramp: int, length: int) -> bytes | None:
         """``length`` bytes for the site: a jump to ``tramp`` then filler that is never

@@ -14,6 +14,7 @@ import itertools
 import logging
 import operator
 import signal as _signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -198,6 +199,9 @@ class Engine:
         #: may be handled (the breakpoint is out and the others are held)
         self.inline_tid: int | None = None
         self.returns = Returns(self)
+        #: set when handlers also run on another thread (trap-free handler probes,
+        #: ubp_core.rendezvous): every handler call then takes it
+        self.handler_lock: threading.Lock | None = None
         #: trap-free counting sites (ubp_core.fastcount), made on first use
         self.fast: FastPatcher | None = None
         self.cloned: dict[int, object] = {}
@@ -505,7 +509,12 @@ class Engine:
             handler = probe.handler
             if handler is not None:
                 try:
-                    handler(Hit(self, tid, probe, regs))
+                    lock = self.handler_lock
+                    if lock is None:
+                        handler(Hit(self, tid, probe, regs))
+                    else:
+                        with lock:
+                            handler(Hit(self, tid, probe, regs))
                 except Exception as exc:
                     if self.handler_errors == "raise":
                         self._rewind(tid, regs, addr)

@@ -29,14 +29,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import DecodeError, MemoryFault, TargetError, UbpError
+from .rendezvous import MAILBOX_BYTES
 
 if TYPE_CHECKING:
     from .engine import Engine
 
 PAGE = 4096
 COUNTER_BYTES = 1 << 16  # 8192 counters
+#: the rendezvous mailbox (ubp_core.rendezvous) follows the counters in the same file
+SHARED_BYTES = COUNTER_BYTES + MAILBOX_BYTES
 TRAMP_AREA = 16 * PAGE
-TRAMP_SIZE = 128  # room for the longest trampoline the x86-64 plugin builds (< 100)
+TRAMP_SIZE = 128  # room for the longest counting trampoline the x86-64 plugin builds (< 100)
+RENDEZVOUS_SIZE = 640  # and for a rendezvous trampoline (x86-64: about 460)
 
 
 class FastRefused(UbpError):
@@ -48,8 +52,8 @@ class SharedCounters:
 
     def __init__(self, byteorder: str = "little", word: int = 8) -> None:
         self.fd = os.memfd_create("ubp-counters", 0)
-        os.ftruncate(self.fd, COUNTER_BYTES)
-        self.map = mmap.mmap(self.fd, COUNTER_BYTES)
+        os.ftruncate(self.fd, SHARED_BYTES)
+        self.map = mmap.mmap(self.fd, SHARED_BYTES)
         self.byteorder = byteorder
         self.word = word
         self.next = 0
@@ -84,6 +88,10 @@ class FastSite:
     tramp: int
     counter: int  # index in SharedCounters
     text: str  # the covered instructions, for messages
+    #: a probe with a handler: its index in the rendezvous server, and its missed-hit
+    #: counter (hits that ran without the handler, see ubp_core.rendezvous)
+    rendezvous: int | None = None
+    missed: int | None = None
 
     @property
     def end(self) -> int:
@@ -121,7 +129,10 @@ class FastPatcher:
                 code[lo - address:hi - address] = site.original[lo - site.address:hi - site.address]
 
     # ------------------------------------------------------------------ install
-    def install(self, address: int, function: tuple[int, int] | None, counter: int) -> FastSite:
+    def install(self, address: int, function: tuple[int, int] | None, counter: int,
+                rendezvous: tuple[int, int] | None = None) -> FastSite:
+        """Patch a jump at ``address``.  ``rendezvous``: (site index, missed counter) for
+        a probe whose handler UBP runs at each hit (else the trampoline only counts)."""
         engine, arch = self.engine, self.engine.arch
         need = arch.fast_jump_size
         if need is None:
@@ -156,21 +167,29 @@ class FastPatcher:
             raise FastRefused("another trap-free probe covers these bytes")
         self._check_branches(address, last, start, end)
 
-        area = self._area(address)
+        size = TRAMP_SIZE if rendezvous is None else RENDEZVOUS_SIZE
+        area = self._area(address, size)
         tramp = area.base + area.used
-        counter_addr = area.counters + counter * self.counters.word
-        code = arch.counting_trampoline(analyses, tramp, counter_addr)
+        word = self.counters.word
+        counter_addr = area.counters + counter * word
+        if rendezvous is None:
+            code = arch.counting_trampoline(analyses, tramp, counter_addr)
+        else:
+            code = arch.rendezvous_trampoline(analyses, tramp, counter_addr,
+                                              area.counters + COUNTER_BYTES, rendezvous[0],
+                                              area.counters + rendezvous[1] * word)
         if isinstance(code, str):
             raise FastRefused(code)
-        if len(code) > TRAMP_SIZE:
+        if len(code) > size:
             raise FastRefused(f"the trampoline ({len(code)} bytes) is longer than a slot")
         patch = arch.jump_patch(address, tramp, covered)
         if patch is None:
             raise FastRefused("the trampoline is out of the jump's reach")
         original = engine._read_original(address, covered)
         engine.target.write_memory(tramp, code)
-        area.used += TRAMP_SIZE
-        site = FastSite(address, covered, original, tramp, counter, text)
+        area.used += size
+        site = FastSite(address, covered, original, tramp, counter, text,
+                        *(rendezvous or (None, None)))
         with engine.target.all_stopped() as tids:
             for tid in tids:
                 pc = engine.target.get_regs(tid)[arch.abi.pc]
@@ -202,17 +221,17 @@ class FastPatcher:
         if seen < end:
             raise FastRefused(f"the function does not decode past {seen:#x} (data in text?)")
 
-    def _area(self, near: int) -> _Area:
+    def _area(self, near: int, size: int) -> _Area:
         arch, target = self.engine.arch, self.engine.target
         reach = arch.branch_reach
         for area in self.areas:
-            if area.used + TRAMP_SIZE <= TRAMP_AREA - PAGE and (
+            if area.used + size <= TRAMP_AREA - PAGE and (
                     not reach or abs(area.base - near) < reach - TRAMP_AREA):
                 return area
         try:
             base = target.map_xol(near, TRAMP_AREA, reach)
             # the last page holds map_xol's syscall instruction and our path scratch
-            counters = target.map_shared(self.counters.path, base, COUNTER_BYTES, reach,
+            counters = target.map_shared(self.counters.path, base, SHARED_BYTES, reach,
                                          scratch=base + TRAMP_AREA - PAGE)
         except TargetError as exc:
             raise FastRefused(str(exc)) from None

@@ -40,6 +40,9 @@ class Placement:
         self.cpu: int | None = None
         self._tracer_mask: set[int] | None = None
         self._saved: dict[int, set[int]] = {}  # tid -> its own mask before we pinned it
+        #: UBP's other threads that meet the program (the rendezvous thread of trap-free
+        #: handler probes): they go where the tracer goes
+        self.companions: set[int] = set()
 
     @property
     def active(self) -> bool:
@@ -66,12 +69,23 @@ class Placement:
                 os.sched_setaffinity(tid, {cpu})
             self._tracer_mask = mine
             os.sched_setaffinity(0, {cpu})
+            for tid in self.companions:
+                os.sched_setaffinity(tid, {cpu})
         except OSError:
             self.stop()
             return
         self.cpu = cpu
         log.warning("tracer and program pinned to CPU %d (a hit costs several times more "
                     "across CPUs); --placement off to leave CPUs alone", cpu)
+
+    def companion(self, tid: int) -> None:
+        """One of UBP's own threads that should run where the tracer runs."""
+        self.companions.add(tid)
+        if self.cpu is not None:
+            try:
+                os.sched_setaffinity(tid, {self.cpu})
+            except OSError:
+                pass
 
     def thread_started(self, tid: int) -> None:
         """A new thread: ``auto`` gives every thread its CPUs back."""
@@ -97,9 +111,10 @@ class Placement:
                 pass  # the thread is gone
         self._saved.clear()
         if self._tracer_mask is not None:
-            try:
-                os.sched_setaffinity(0, self._tracer_mask)
-            except OSError:
-                pass
+            for tid in [0, *self.companions]:
+                try:
+                    os.sched_setaffinity(tid, self._tracer_mask)
+                except OSError:
+                    pass  # a companion that has ended
             self._tracer_mask = None
         self.cpu = None

@@ -138,7 +138,11 @@ class Returns:
                 hit = Hit(engine, tid, rp, regs)
                 hit.frame = frame
                 try:
-                    rp.handler(hit)
+                    if engine.handler_lock is None:
+                        rp.handler(hit)
+                    else:
+                        with engine.handler_lock:
+                            rp.handler(hit)
                 except Exception as exc:
                     if engine.handler_errors == "raise":
                         raise

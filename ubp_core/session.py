@@ -21,13 +21,14 @@ from .archops import ArchOps
 from .elfinfo import elf_ident_of
 from .engine import Engine, Hit, Probe
 from .errors import MemoryFault, ProbeError, TargetError, UbpError
-from .fastcount import FastPatcher, FastRefused, FastSite, SharedCounters
+from .fastcount import COUNTER_BYTES, FastPatcher, FastRefused, FastSite, SharedCounters
 from .placement import Placement
 from .plugins import PluginSet, default_plugins
 from .ptrace import sys as pt
 from .ptrace.memory import ProcMem
 from .ptrace.process import reap_traced_threads, spawn_traced, task_state
 from .ptrace.target import OPTIONS, Hub, PtraceTarget, reblock_sigtrap, sigtrap_pending
+from .rendezvous import REGS, RendezvousServer, RendezvousSite
 from .spec import ProbeSpec, parse_spec
 from .symbols import NotYet, Resolver
 from .target import Stop, StopKind
@@ -71,6 +72,15 @@ class TraceProbe:
     counter: int | None = None
     fast_note: str | None = None
     fast_sites: int = 0  # processes in which it went in trap-free
+    #: a trap-free probe with a handler: hits that ran without it (ubp_core.rendezvous)
+    missed_counter: int | None = None
+    rendezvous_ids: list[int] = field(default_factory=list)
+
+    @property
+    def missed(self) -> int:
+        if self.missed_counter is None or self.counters is None:
+            return 0
+        return self.counters.value(self.missed_counter)
 
     @property
     def hits(self) -> int:
@@ -103,7 +113,8 @@ class TraceProbe:
         return {"spec": self.label, "address": self.address,
                 "strategy": self.strategy_name, "hits": self.hits,
                 **({"error": self.error} if self.error else {}),
-                **({"fast_refused": self.fast_note} if self.fast_note else {})}
+                **({"fast_refused": self.fast_note} if self.fast_note else {}),
+                **({"missed": self.missed} if self.missed_counter is not None else {})}
 
 
 @dataclass(eq=False)
@@ -138,6 +149,10 @@ class Session:
         self.probes: list[TraceProbe] = []
         #: trap-free probes' counters, shared with the programs (made on first use)
         self.counters: SharedCounters | None = None
+        #: runs the handlers of trap-free probes (made on first use); every handler,
+        #: trap-free or not, then runs under handler_lock
+        self.rendezvous: RendezvousServer | None = None
+        self.handler_lock = threading.Lock()
         self.main_pid: int | None = None
         self.exit_status: int | None = None
         self.spawned = False
@@ -215,6 +230,8 @@ class Session:
         if engine is None:
             xol = XolAllocator(target, self.arch.xol_slot_size, self.arch.branch_reach)
             engine = Engine(target, self.arch, xol=xol, inline_freeze=self.inline_freeze)
+        if self.rendezvous is not None:
+            engine.handler_lock = self.handler_lock
         proc = Process(target, engine, Resolver(target.pid, self.arch))
         target.on_trap = engine.on_trap
         self.processes[target.pid] = proc
@@ -229,14 +246,17 @@ class Session:
         something that cannot exist, or an instruction that cannot be probed; the target
         is then left untouched.
 
-        ``fast``: a trap-free counting probe (no handler: the program counts its own
-        hits in memory shared with UBP, see ubp_core.fastcount).  Where a site cannot
-        take one, a trap probe counts instead and ``fast_note`` says why.
+        ``fast``: a trap-free probe: a jump to a trampoline instead of a breakpoint.
+        Without a handler the program counts its own hits in memory shared with UBP
+        (ubp_core.fastcount); with one, the thread meets UBP through a futex and the
+        handler runs on UBP's rendezvous thread before the thread goes on
+        (ubp_core.rendezvous).  Where a site cannot take one, a trap probe does the
+        same and ``fast_note`` says why.
         """
         ps = spec if isinstance(spec, ProbeSpec) else parse_spec(spec)
-        if fast and (handler is not None or ps.ret or strategy is not None or ps.fields):
-            raise ProbeError(f"probe {ps.text!r}: a trap-free probe only counts entries "
-                             "(no handler, no %return, no fields, no strategy)")
+        if fast and (ps.ret or strategy is not None):
+            raise ProbeError(f"probe {ps.text!r}: a trap-free probe takes entries only, "
+                             "with or without a handler (no %return, no strategy)")
         tp = TraceProbe(ps, handler, Strategy(strategy) if strategy else None, fast=fast)
         for proc in list(self.processes.values()):
             self._arm(proc, tp, final=self._final(proc))
@@ -317,7 +337,8 @@ class Session:
         return True
 
     def _add_fast(self, proc: Process, tp: TraceProbe, address: int, label: str):
-        """A trap-free counting site, or a handler-less trap probe (and the reason)."""
+        """A trap-free site, or a trap probe with the same handler (and the reason)."""
+        index = None
         try:
             if self.counters is None:
                 self.counters = SharedCounters(self.arch.byteorder, self.arch.word_bits // 8)
@@ -326,13 +347,56 @@ class Session:
             engine = proc.engine
             if engine.fast is None:
                 engine.fast = FastPatcher(engine, self.counters)
-            site = engine.fast.install(address, proc.resolver.function_at(address), tp.counter)
+            meet = None
+            if tp.handler is not None:
+                if tp.missed_counter is None:
+                    tp.missed_counter = self.counters.alloc()
+                server = self._rendezvous()
+                index = server.add(RendezvousSite(
+                    engine, Probe(-1, address, tp.handler, None, label), tp.handler))
+                if server.native_id is not None:
+                    self.placement.companion(server.native_id)
+                meet = (index, tp.missed_counter)
+            site = engine.fast.install(address, proc.resolver.function_at(address), tp.counter,
+                                       meet)
             tp.fast_sites += 1
+            if index is not None:
+                tp.rendezvous_ids.append(index)
             return site
         except FastRefused as exc:
             tp.fast_note = str(exc)
-        probe = proc.engine.add_probe(address, None, label=label)
+            if index is not None:
+                self.rendezvous.sites[index] = None
+        probe = proc.engine.add_probe(address, self._dispatch(tp), label=label)
         return probe
+
+    def _rendezvous(self) -> RendezvousServer:
+        if self.rendezvous is None:
+            if self.counters is None:
+                self.counters = SharedCounters(self.arch.byteorder, self.arch.word_bits // 8)
+            try:
+                self.arch.rendezvous_regs(self.counters.map, COUNTER_BYTES + REGS)
+            except NotImplementedError as exc:
+                raise FastRefused(str(exc)) from None
+            self.rendezvous = RendezvousServer(self.counters.map, COUNTER_BYTES, self.arch,
+                                               self.handler_lock, self._engine_of)
+            for proc in self.processes.values():
+                proc.engine.handler_lock = self.handler_lock
+        return self.rendezvous
+
+    def _engine_of(self, tid: int, guess: Engine) -> Engine:
+        """The engine of the process thread ``tid`` belongs to (a forked child's
+        trampolines are its parent's, so the site alone does not say)."""
+        if tid in guess.target.threads_:
+            return guess
+        for proc in list(self.processes.values()):
+            if tid in proc.target.threads_:
+                return proc.engine
+        return guess
+
+    def _close_rendezvous(self) -> None:
+        if self.rendezvous is not None:
+            self.rendezvous.close()
 
     @staticmethod
     def _dispatch(tp: TraceProbe) -> Callable[[Hit], object] | None:
@@ -370,6 +434,8 @@ class Session:
                 proc = self.processes.get(pid)
                 if proc is not None and isinstance(p, FastSite):
                     proc.engine.fast.remove(p)
+                    if p.rendezvous is not None and self.rendezvous is not None:
+                        self.rendezvous.forget(p.rendezvous)
                 elif proc is not None and p is not None:
                     proc.engine.remove_probe(p)
                 t.detach_from(pid)
@@ -513,6 +579,8 @@ class Session:
         finally:
             if disarm is not None:
                 disarm()
+            if not self.processes:
+                self._close_rendezvous()
         return self.exit_status
 
     def _killed_status(self) -> int | None:
@@ -755,6 +823,8 @@ class Session:
             except (TargetError, OSError) as exc:
                 log.warning("detaching from %d: %s", proc.pid, exc)
             self.processes.pop(proc.pid, None)
+        # last: the jumps are out, so only threads already in a trampoline are waiting
+        self._close_rendezvous()
 
     def _detach_process(self, proc: Process) -> None:
         """Breakpoints out, every in-flight step finished, every thread out of the XOL
@@ -811,6 +881,7 @@ class Session:
                 except Exception:
                     pass
             self.processes.pop(proc.pid, None)
+        self._close_rendezvous()
 
     def kill(self) -> None:
         for proc in list(self.processes.values()):

@@ -28,6 +28,7 @@ def text_differences(pid: int) -> list[tuple[str, int]]:
             mem.seek(m.start)
             have = mem.read(len(want))
             if have != want:
-                i = next(i for i, (a, b) in enumerate(zip(have, want)) if a != b)
+                # a short read (the process is exiting) differs where it stops
+                i = next((i for i, (a, b) in enumerate(zip(have, want)) if a != b), len(have))
                 out.append((m.path, m.start + i))
     return out

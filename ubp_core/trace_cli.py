@@ -28,9 +28,11 @@ def add_parser(sub) -> None:
     a.add_argument("-p", "--pid", type=int, help="attach to a running process")
     a.add_argument("--count", action="store_true", help="count hits; print a table at exit")
     a.add_argument("--fast", action="store_true",
-                   help="with --count: trap-free counting where the site allows it (a jump "
-                        "to a trampoline that bumps a counter shared with UBP; no stop per "
-                        "hit); elsewhere a trap probe, and UBP says why")
+                   help="trap-free probes where the site allows it: a jump to a trampoline "
+                        "instead of a breakpoint, no ptrace stop per hit (with --count the "
+                        "program bumps a counter shared with UBP; otherwise each hit meets "
+                        "UBP through a futex and is printed); elsewhere a trap probe, and "
+                        "UBP says why")
     a.add_argument("--strategy", choices=["emulate", "boost", "ssol", "inline"],
                    help="force one strategy for every probe (refused where it is wrong)")
     a.add_argument("-o", "--output", metavar="FILE", help="UBP's output here, not stderr")
@@ -113,8 +115,8 @@ def _trace(args: argparse.Namespace, command: list[str], out: TextIO) -> int:
 
 
 def _trace_session(args, command, out, kw, holder, requested) -> int:
-    if args.fast and not (args.count and args.strategy is None):
-        print("ubp: --fast counts hits: it needs --count and takes no --strategy",
+    if args.fast and args.strategy is not None:
+        print("ubp: --fast puts in jumps, not breakpoints: it takes no --strategy",
               file=sys.stderr)
         return 2
     try:
@@ -133,7 +135,7 @@ def _trace_session(args, command, out, kw, holder, requested) -> int:
             spec = parse_spec(text)
             handler = None if quiet else _printer(out, start, spec)
             if args.fast:
-                probes.append(session.probe(spec, fast=True))
+                probes.append(session.probe(spec, handler, fast=True))
             else:
                 probes.append(session.probe(spec, handler, strategy=args.strategy))
     except UbpError as exc:
@@ -169,7 +171,11 @@ def _trace_session(args, command, out, kw, holder, requested) -> int:
             continue
         if tp.fast_note:
             print(f"ubp: probe {tp.label}: no trap-free probe ({tp.fast_note}); "
-                  "counted with a trap probe", file=out)
+                  f"{'traced' if tp.handler else 'counted'} with a trap probe", file=out)
+        if tp.missed:
+            print(f"ubp: probe {tp.label}: {tp.missed} hit(s) ran without the handler (the "
+                  "thread hit it again inside a signal handler during its rendezvous)",
+                  file=out)
         if tp.error:
             print(f"ubp: probe {tp.spec.text}: {tp.error}", file=out)
         elif not tp.attached and tp.address is None:
@@ -186,8 +192,13 @@ def _trace_session(args, command, out, kw, holder, requested) -> int:
 def _abandon(session: Session) -> None:
     """A probe could not be armed: leave the target as it was."""
     if session.spawned:
+        # the program never ran: kill it rather than restore bytes in a dying process
         session.kill()
-        session.detach()
+        for pid in list(session.processes):
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
     else:
         session.detach()
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 
 from ubp_core.archops import ArchOps
 from ubp_core.errors import DecodeError
+from ubp_core.ptrace.regs import UserRegs
 from ubp_core.types import (
     Abi,
     Analysis,
@@ -120,6 +122,14 @@ class X86_64(ArchOps):
     def counting_trampoline(self, analyses: Sequence[Analysis], tramp: int,
                             counter: int) -> bytes | str:
         return fastpatch.counting_trampoline(analyses, tramp, counter)
+
+    def rendezvous_trampoline(self, analyses: Sequence[Analysis], tramp: int, counter: int,
+                              mailbox: int, site_id: int, missed: int) -> bytes | str:
+        return fastpatch.rendezvous_trampoline(analyses, tramp, counter, mailbox, site_id,
+                                               missed)
+
+    def rendezvous_regs(self, buffer: Any, offset: int) -> Regs:
+        return UserRegs.from_buffer(buffer, offset)
 
     def jump_patch(self, site: int, tramp: int, length: int) -> bytes | None:
         return fastpatch.jump_patch(site, tramp, length)
