@@ -10,7 +10,9 @@ and ``lea`` (one starting with lea, which Linux uprobes must single-step); ``--s
 push,lea,jmp`` adds ``jmp`` (a short jump: emulated, no memory touched).  Every row
 runs pinned (tracer and program on CPU 0: taskset -c 0) and unpinned.
 
-Rows: trap-free counting (``--fast``: no stop at all); each UBP strategy with a no-op
+Rows: trap-free counting (``--fast``: no stop at all); trap-free with a no-op and with a
+counting handler (the thread meets UBP through a futex, ubp_core.rendezvous: no ptrace
+stop, the covered instructions run relocated); each UBP strategy with a no-op
 and with a counting handler (UBP's own CPU placement off, so the pinned/unpinned
 columns show what it is worth), and boost with the default placement (auto); a minimal
 Python
@@ -122,6 +124,8 @@ ROWS = [
     ("ubp trap-free, no-op handler", "ubp", {"strategy": None, "handler": "noop",
                                             "fast": True}),
     ("ubp trap-free, counting", "ubp", {"strategy": None, "handler": "count", "fast": True}),
+    ("ubp trap-free, no-op, --placement auto", "ubp",
+     {"strategy": None, "handler": "noop", "fast": True, "placement": "auto"}),
     ("minimal ctypes loop, 1 stop", "minimal", {"stops": 1}),
     ("minimal ctypes loop, 2 stops", "minimal", {"stops": 2}),
     ("Linux uprobes (perf)", "uprobes", {}),

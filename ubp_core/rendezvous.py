@@ -6,9 +6,9 @@ registers into a mailbox in memory shared with UBP, wakes UBP's rendezvous threa
 a futex and sleeps until UBP has run the handler; then it takes the registers back (a
 handler may change them as at a trap probe, except the pc -- the thread always goes on
 with the relocated instructions -- and the stack pointer, which the trampoline keeps),
-runs the relocated instructions and jumps back.  Per hit that is two futex calls and two context switches, and no ptrace stop,
-no register read by system call, no signal delivery: cheaper than the one stop of a
-boosted or emulated trap probe.
+runs the relocated instructions and jumps back.  Per hit that is a few futex calls and
+two context switches, and no ptrace stop, no register read by system call, no signal
+delivery: cheaper than the one stop of a boosted or emulated trap probe.
 
 The mailbox (one page after the shared counters)::
 
