@@ -40,7 +40,7 @@ COUNTER_BYTES = 1 << 16  # 8192 counters
 SHARED_BYTES = COUNTER_BYTES + MAILBOX_BYTES
 TRAMP_AREA = 16 * PAGE
 TRAMP_SIZE = 128  # room for the longest counting trampoline the x86-64 plugin builds (< 100)
-RENDEZVOUS_SIZE = 640  # and for a rendezvous trampoline (x86-64: about 460)
+RENDEZVOUS_SIZE = 768  # and for a rendezvous trampoline (x86-64: about 600)
 
 
 class FastRefused(UbpError):
