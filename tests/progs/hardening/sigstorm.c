@@ -248,7 +248,7 @@ static int timer_mode(long usec, long ms)
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     /* the time to the next expiry, which lies between two clock readings (reading the
        clock after instead overstated the expiries by one whenever the thread lost the
-       CPU in between).  Read, not disarmed: since Linux 6.13 disarming drops the signal
+       CPU in between).  Read, not disarmed: on recent kernels (6.18 here) disarming drops the signal
        of an expiry that fired after the block above and is still pending, which the
        count below would then miss.  So the timer runs on while what is pending is
        collected: the expiries it may add by then bound the count from above. */
