@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -213,3 +214,31 @@ def test_killed_target_mid_rendezvous_does_not_hang_ubp(rv):
     status = s.run(timeout=120)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     assert not s.rendezvous._thread.is_alive()
+
+
+def test_every_libc_function_with_a_handler_same_hits_as_trap_probes(tmp_path):
+    """`ubp trace --fast 'libc:*'` on ls: about three quarters of libc's functions go in
+    trap-free with a handler; each function's printed hits equal those of trap probes on
+    the same run of the same program, and ls's output is untouched."""
+    for name in ("b", "a", "c"):
+        (tmp_path / name).write_text(name)
+    argv = ["/bin/ls", "-l", str(tmp_path)]
+    env = {**os.environ, "LC_ALL": "C", "TZ": "UTC"}
+    log = tmp_path.parent / "fast-hits.txt"
+    fast = ubp("trace", "--fast", "-o", str(log), "libc:*", "--", *argv, env=env)
+    trap = ubp("trace", "--count", "--json", "libc:*", "--", *argv, env=env)
+    assert fast.returncode == trap.returncode == 0, fast.stderr[-2000:]
+    alone = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+    assert fast.stdout == trap.stdout == alone.stdout
+    lines = log.read_text().splitlines()
+    printed: dict[str, int] = {}
+    for ln in lines:
+        parts = ln.split()
+        if len(parts) >= 3 and not ln.startswith("ubp:"):
+            printed[parts[2]] = printed.get(parts[2], 0) + 1
+    counted = {p["spec"]: p["hits"] for p in
+               json.loads(trap.stderr.strip().splitlines()[-1])["probes"] if p["hits"]}
+    assert printed == counted
+    slow = next(ln for ln in lines if "traced with trap probes" in ln)
+    n_slow, n_all = (int(g) for g in re.search(r"(\d+) of (\d+) functions", slow).groups())
+    assert n_slow < 0.3 * n_all, slow

@@ -166,8 +166,8 @@ def _trace_session(args, command, out, kw, holder, requested) -> int:
             slow = sum(1 for c in tp.children.values() if c.fast_note)
             if slow:
                 print(f"ubp: pattern {tp.spec.text}: {slow} of {len(tp.children)} functions "
-                      "counted with trap probes (no trap-free probe there; --json says why)",
-                      file=out)
+                      f"{'traced' if tp.handler else 'counted'} with trap probes (no "
+                      "trap-free probe there; --json says why)", file=out)
             continue
         if tp.fast_note:
             print(f"ubp: probe {tp.label}: no trap-free probe ({tp.fast_note}); "
