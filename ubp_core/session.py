@@ -196,19 +196,28 @@ class Session:
         s.main_pid = pid
         options = OPTIONS | (pt.PTRACE_O_EXITKILL if exitkill else 0)
         target = PtraceTarget(pid, arch, hub, spawned=False)
-        tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
-        seized = []
+        seized: list[int] = []
+        tried: set[int] = set()
         try:
-            for tid in tids:
-                res = pt.try_ptrace(pt.PTRACE_SEIZE, tid, 0, options)
-                if res < 0:
-                    if -res == 1 or -res == 13:  # EPERM, EACCES
-                        raise AttachError(_eperm(pid))
-                    if -res == 3:  # ESRCH: the thread just exited
-                        continue
-                    raise AttachError(f"cannot attach to {tid}: {os.strerror(-res)}")
-                seized.append(tid)
-                target.add_thread(tid)
+            # until a listing shows no thread we have not tried: a thread that is not
+            # seized yet may create threads meanwhile, and those are not attached by
+            # PTRACE_O_TRACECLONE; left untraced, the first breakpoint they reach kills
+            # the program with SIGTRAP (seen: a program still starting its threads)
+            while True:
+                tids = sorted(set(_task_ids(pid)) - tried)
+                if not tids:
+                    break
+                for tid in tids:
+                    tried.add(tid)
+                    res = pt.try_ptrace(pt.PTRACE_SEIZE, tid, 0, options)
+                    if res < 0:
+                        if -res == 1 or -res == 13:  # EPERM, EACCES
+                            raise AttachError(_eperm(pid))
+                        if -res == 3:  # ESRCH: the thread just exited
+                            continue
+                        raise AttachError(f"cannot attach to {tid}: {os.strerror(-res)}")
+                    seized.append(tid)
+                    target.add_thread(tid)
         except AttachError:
             for tid in seized:
                 pt.try_ptrace(pt.PTRACE_DETACH, tid, 0, 0)
@@ -730,27 +739,7 @@ class Session:
 
     def _clean_and_release(self, parent: Process, child: int) -> None:
         """Not following: put the original bytes back in the child, then let it go."""
-        mem = ProcMem(child)
-        try:
-            for site in parent.engine.sites.values():
-                if site.inserted:
-                    mem.write(site.address, site.original)
-            if parent.engine.fast is not None:
-                # only the forking thread exists in the child, and it is in fork(),
-                # not in a patched range: the bytes can go back at once
-                for fs in parent.engine.fast.sites.values():
-                    mem.write(fs.address, fs.original)
-        finally:
-            mem.close()
-        # the child reports its initial stop first; detach once it has
-        ws = None
-        while ws is None or not ws.stopped:
-            from .ptrace.process import waitpid
-
-            ws = waitpid(child)
-            if ws is None or ws.exited:
-                return
-        pt.try_ptrace(pt.PTRACE_DETACH, child, 0, 0)
+        _release_child(child, _patched_bytes(parent.engine))
 
     def _exec(self, proc: Process, tid: int, former: int | None) -> None:
         """A new program image: probes of the old one are gone; resolve them anew."""
@@ -830,6 +819,7 @@ class Session:
         """Breakpoints out, every in-flight step finished, every thread out of the XOL
         area, then detach with the signals that were on their way."""
         target, engine = proc.target, proc.engine
+        originals = _patched_bytes(engine)  # for a child forked while UBP leaves
         engine.remove_all()
         pending: dict[int, int] = {}
         for _ in range(200):
@@ -849,6 +839,16 @@ class Session:
                     pending[stop.tid] = signal.SIGTRAP
                 elif stop.kind is StopKind.EXITED and stop.tid == target.pid:
                     return
+                elif stop.kind is StopKind.EVENT and stop.event in ("clone", "fork", "vfork"):
+                    # a thread or child the program made just now, attached by
+                    # PTRACE_O_TRACECLONE/TRACEFORK: without this it would stay stopped,
+                    # traced by UBP, after UBP let the rest go
+                    child = stop.data
+                    if stop.event == "clone" and _shares_memory(target.pid, child, proc):
+                        target.add_thread(child)
+                    else:
+                        _release_child(child, originals)
+                    busy = True
             for tid in list(target.threads_):
                 th = target.threads_.get(tid)
                 if th is not None and th.stopped and engine._stepping(tid):
@@ -886,6 +886,41 @@ class Session:
     def kill(self) -> None:
         for proc in list(self.processes.values()):
             proc.target.kill()
+
+
+def _patched_bytes(engine: Engine) -> list[tuple[int, bytes]]:
+    """(address, original bytes) of every breakpoint and trap-free jump in the text."""
+    out = [(site.address, site.original) for site in engine.sites.values() if site.inserted]
+    if engine.fast is not None:
+        out += [(fs.address, fs.original) for fs in engine.fast.sites.values()]
+    return out
+
+
+def _release_child(child: int, originals: list[tuple[int, bytes]]) -> None:
+    """A forked child UBP does not keep: the original bytes back in its copy of the text
+    (only the forking thread exists in it, inside fork(), not in a patched range), then
+    detach once it has reported its initial stop."""
+    from .ptrace.process import waitpid
+
+    mem = ProcMem(child)
+    try:
+        for address, original in originals:
+            mem.write(address, original)
+    finally:
+        mem.close()
+    ws = None
+    while ws is None or not ws.stopped:
+        ws = waitpid(child)
+        if ws is None or ws.exited:
+            return
+    pt.try_ptrace(pt.PTRACE_DETACH, child, 0, 0)
+
+
+def _task_ids(pid: int) -> list[int]:
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:
+        raise AttachError(f"no process {pid}") from None
 
 
 def _plain(name: str) -> bool:

@@ -3,13 +3,16 @@
    test can read it through /proc/PID/mem and see that a stopped program does not run),
    counts every SIGCONT its handler receives, and at the end prints the calls it made.
 
-   usage: jobs THREADS */
+   usage: jobs THREADS [chain]
+   chain: each thread creates the next (50 us after it starts), so threads keep
+   appearing, created by threads other than the main one, for a few milliseconds */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 
 long job_calls;  /* written only by job_work's lock-prefixed add */
@@ -28,9 +31,16 @@ static atomic_long conts;
 static void on_cont(int sig) { (void)sig; atomic_fetch_add(&conts, 1); }
 static void on_usr2(int sig) { (void)sig; atomic_store(&done, 1); }
 
+static int chain, nthreads;
+static pthread_t t[64];
+
 static void *run(void *arg)
 {
     long n = 0, x = (long)arg;
+    if (chain && x + 1 < nthreads) {
+        usleep(50);
+        pthread_create(&t[x + 1], NULL, run, (void *)(x + 1));
+    }
     while (!atomic_load(&done)) {
         x = job_work(x);
         n++;
@@ -41,9 +51,10 @@ static void *run(void *arg)
 int main(int argc, char **argv)
 {
     int n = argc > 1 ? atoi(argv[1]) : 4;
-    pthread_t t[64];
     if (n < 1 || n > 64)
         return 2;
+    nthreads = n;
+    chain = argc > 2 && !strcmp(argv[2], "chain");
     signal(SIGCONT, on_cont);
     struct sigaction sa = {0};
     sa.sa_handler = on_usr2;  /* no SA_RESTART needed: the threads only compute */
@@ -56,7 +67,7 @@ int main(int argc, char **argv)
     sigaddset(&set, SIGUSR2);
     sigaddset(&set, SIGCONT);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
-    for (long i = 0; i < n; i++)
+    for (long i = 0; i < (chain ? 1 : n); i++)
         pthread_create(&t[i], NULL, run, (void *)i);
     pthread_sigmask(SIG_UNBLOCK, &set, NULL);
     while (!atomic_load(&done))
