@@ -6,6 +6,7 @@ import ctypes
 import errno
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 from ..errors import TargetError
@@ -80,6 +81,22 @@ def waitpid(pid: int, flags: int = 0) -> WaitStatus | None:
         if tid == 0:
             return None
         return WaitStatus(tid, status)
+
+
+def wait_alive(tid: int) -> WaitStatus | None:
+    """waitpid(tid), or None once the thread is dead.  A plain waitpid on a thread
+    whose process has died can wait for ever: a leader's exit is not reported before
+    its other threads are reaped, and those wait in their exit stops for this very
+    tracer (seen: a program killed by a stray SIGTRAP during an injection)."""
+    delay = 0.0
+    while True:
+        ws = waitpid(tid, os.WNOHANG)
+        if ws is not None:
+            return ws
+        if task_state(tid) in (None, "Z", "X"):
+            return None
+        time.sleep(delay)
+        delay = min(max(delay * 2, 0.0001), 0.01)
 
 
 def _leave_execve(pid: int) -> None:
@@ -187,7 +204,7 @@ class SyscallInjector:
         setregs(tid, work)
         pt.ptrace(pt.PTRACE_SINGLESTEP, tid, 0, 0)
         while True:
-            ws = waitpid(tid)
+            ws = wait_alive(tid)
             if ws is None or ws.exited:
                 raise TargetError(f"thread {tid} died during an injected {name}()")
             if ws.event:
