@@ -423,6 +423,13 @@ class Engine:
             del self.sites[site.address]
             # a boost slot stays allocated: a thread may still be running through it
 
+    def patched_bytes(self) -> list[tuple[int, bytes]]:
+        """(address, original bytes) of every breakpoint and trap-free jump in the text."""
+        out = [(site.address, site.original) for site in self.sites.values() if site.inserted]
+        if self.fast is not None:
+            out += [(fs.address, fs.original) for fs in self.fast.sites.values()]
+        return out
+
     def remove_all(self) -> None:
         """Put every original byte back.  Safe to call more than once."""
         errors = []

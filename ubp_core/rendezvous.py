@@ -180,11 +180,6 @@ class RendezvousServer:
         _syscall(self._nr, ctypes.c_void_p(self._state_addr), FUTEX_WAKE, 0x7FFFFFFF)
         self._thread.join(timeout)
 
-    def release(self) -> None:
-        """Drop the views into the shared mapping (it cannot be closed while they live)."""
-        self.close()
-        del self.state, self.site, self.tid, self.regs, self._anchor
-
 
 def _no_handler(hit: Any) -> None:
     return None

@@ -26,7 +26,13 @@ from .placement import Placement
 from .plugins import PluginSet, default_plugins
 from .ptrace import sys as pt
 from .ptrace.memory import ProcMem
-from .ptrace.process import reap_traced_threads, spawn_traced, task_state
+from .ptrace.process import (
+    reap_traced_threads,
+    release_child,
+    spawn_traced,
+    task_ids,
+    task_state,
+)
 from .ptrace.target import OPTIONS, Hub, PtraceTarget, reblock_sigtrap, sigtrap_pending
 from .rendezvous import REGS, RendezvousServer, RendezvousSite
 from .spec import ProbeSpec, parse_spec
@@ -74,7 +80,6 @@ class TraceProbe:
     fast_sites: int = 0  # processes in which it went in trap-free
     #: a trap-free probe with a handler: hits that ran without it (ubp_core.rendezvous)
     missed_counter: int | None = None
-    rendezvous_ids: list[int] = field(default_factory=list)
 
     @property
     def missed(self) -> int:
@@ -349,17 +354,16 @@ class Session:
         """A trap-free site, or a trap probe with the same handler (and the reason)."""
         index = None
         try:
-            if self.counters is None:
-                self.counters = SharedCounters(self.arch.byteorder, self.arch.word_bits // 8)
+            counters = self._shared_counters()
             if tp.counter is None:
-                tp.counters, tp.counter = self.counters, self.counters.alloc()
+                tp.counters, tp.counter = counters, counters.alloc()
             engine = proc.engine
             if engine.fast is None:
-                engine.fast = FastPatcher(engine, self.counters)
+                engine.fast = FastPatcher(engine, counters)
             meet = None
             if tp.handler is not None:
                 if tp.missed_counter is None:
-                    tp.missed_counter = self.counters.alloc()
+                    tp.missed_counter = counters.alloc()
                 server = self._rendezvous()
                 index = server.add(RendezvousSite(
                     engine, Probe(-1, address, tp.handler, None, label), tp.handler))
@@ -369,8 +373,6 @@ class Session:
             site = engine.fast.install(address, proc.resolver.function_at(address), tp.counter,
                                        meet)
             tp.fast_sites += 1
-            if index is not None:
-                tp.rendezvous_ids.append(index)
             return site
         except FastRefused as exc:
             tp.fast_note = str(exc)
@@ -379,15 +381,19 @@ class Session:
         probe = proc.engine.add_probe(address, self._dispatch(tp), label=label)
         return probe
 
+    def _shared_counters(self) -> SharedCounters:
+        if self.counters is None:
+            self.counters = SharedCounters(self.arch.byteorder, self.arch.word_bits // 8)
+        return self.counters
+
     def _rendezvous(self) -> RendezvousServer:
         if self.rendezvous is None:
-            if self.counters is None:
-                self.counters = SharedCounters(self.arch.byteorder, self.arch.word_bits // 8)
+            shared = self._shared_counters().map
             try:
-                self.arch.rendezvous_regs(self.counters.map, COUNTER_BYTES + REGS)
+                self.arch.rendezvous_regs(shared, COUNTER_BYTES + REGS)
             except NotImplementedError as exc:
                 raise FastRefused(str(exc)) from None
-            self.rendezvous = RendezvousServer(self.counters.map, COUNTER_BYTES, self.arch,
+            self.rendezvous = RendezvousServer(shared, COUNTER_BYTES, self.arch,
                                                self.handler_lock, self._engine_of)
             for proc in self.processes.values():
                 proc.engine.handler_lock = self.handler_lock
@@ -605,7 +611,7 @@ class Session:
             if state in "ZX":
                 reap_traced_threads(pid)
                 try:
-                    got, status = os.waitpid(pid, os.WNOHANG | 0x40000000)  # __WALL
+                    got, status = os.waitpid(pid, os.WNOHANG | pt.WALL)
                 except ChildProcessError:
                     return self.exit_status
                 if got == pid and (os.WIFEXITED(status) or os.WIFSIGNALED(status)):
@@ -739,7 +745,7 @@ class Session:
 
     def _clean_and_release(self, parent: Process, child: int) -> None:
         """Not following: put the original bytes back in the child, then let it go."""
-        _release_child(child, _patched_bytes(parent.engine))
+        release_child(child, parent.engine.patched_bytes())
 
     def _exec(self, proc: Process, tid: int, former: int | None) -> None:
         """A new program image: probes of the old one are gone; resolve them anew."""
@@ -819,7 +825,7 @@ class Session:
         """Breakpoints out, every in-flight step finished, every thread out of the XOL
         area, then detach with the signals that were on their way."""
         target, engine = proc.target, proc.engine
-        originals = _patched_bytes(engine)  # for a child forked while UBP leaves
+        originals = engine.patched_bytes()  # for a child forked while UBP leaves
         engine.remove_all()
         pending: dict[int, int] = {}
         for _ in range(200):
@@ -847,7 +853,7 @@ class Session:
                     if stop.event == "clone" and _shares_memory(target.pid, child, proc):
                         target.add_thread(child)
                     else:
-                        _release_child(child, originals)
+                        release_child(child, originals)
                     busy = True
             for tid in list(target.threads_):
                 th = target.threads_.get(tid)
@@ -888,37 +894,9 @@ class Session:
             proc.target.kill()
 
 
-def _patched_bytes(engine: Engine) -> list[tuple[int, bytes]]:
-    """(address, original bytes) of every breakpoint and trap-free jump in the text."""
-    out = [(site.address, site.original) for site in engine.sites.values() if site.inserted]
-    if engine.fast is not None:
-        out += [(fs.address, fs.original) for fs in engine.fast.sites.values()]
-    return out
-
-
-def _release_child(child: int, originals: list[tuple[int, bytes]]) -> None:
-    """A forked child UBP does not keep: the original bytes back in its copy of the text
-    (only the forking thread exists in it, inside fork(), not in a patched range), then
-    detach once it has reported its initial stop."""
-    from .ptrace.process import waitpid
-
-    mem = ProcMem(child)
-    try:
-        for address, original in originals:
-            mem.write(address, original)
-    finally:
-        mem.close()
-    ws = None
-    while ws is None or not ws.stopped:
-        ws = waitpid(child)
-        if ws is None or ws.exited:
-            return
-    pt.try_ptrace(pt.PTRACE_DETACH, child, 0, 0)
-
-
 def _task_ids(pid: int) -> list[int]:
     try:
-        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        return task_ids(pid)
     except FileNotFoundError:
         raise AttachError(f"no process {pid}") from None
 

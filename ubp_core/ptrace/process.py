@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from ..errors import TargetError
 from . import sys as pt
+from .memory import ProcMem
 from .regs import UserRegs
 
 HOST_ELF_MACHINE = "EM_X86_64"  # the register layout in regs.py is this machine's
@@ -18,9 +19,6 @@ HOST_ELF_MACHINE = "EM_X86_64"  # the register layout in regs.py is this machine
 PROT = {"r": 1, "w": 2, "x": 4}
 MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED, MAP_FIXED_NOREPLACE = (
     0x01, 0x02, 0x20, 0x10, 0x100000)
-
-
-__WALL = 0x40000000  # wait for every kind of child, threads included
 
 
 def task_state(tid: int) -> str | None:
@@ -39,9 +37,14 @@ def reap_traced_threads(pid: int) -> None:
     try:
         for tid in os.listdir(f"/proc/{pid}/task"):
             if int(tid) != pid:
-                os.waitpid(int(tid), os.WNOHANG | __WALL)
+                os.waitpid(int(tid), os.WNOHANG | pt.WALL)
     except (OSError, ValueError):
         pass
+
+
+def task_ids(pid: int) -> list[int]:
+    """The thread ids of a process (FileNotFoundError: no such process)."""
+    return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
 
 
 def prot_bits(prot: str) -> int:
@@ -228,3 +231,21 @@ class SyscallInjector:
 
 def errno_name(err: int) -> str:
     return errno.errorcode.get(err, str(err))
+
+
+def release_child(child: int, originals: list[tuple[int, bytes]]) -> None:
+    """A traced forked child UBP does not keep: the original bytes back in its copy of
+    the text (only the forking thread exists in it, inside fork(), not in a patched
+    range), then detach once it has reported its initial stop."""
+    mem = ProcMem(child)
+    try:
+        for address, original in originals:
+            mem.write(address, original)
+    finally:
+        mem.close()
+    ws = None
+    while ws is None or not ws.stopped:
+        ws = waitpid(child)
+        if ws is None or ws.exited:
+            return
+    pt.try_ptrace(pt.PTRACE_DETACH, child, 0, 0)

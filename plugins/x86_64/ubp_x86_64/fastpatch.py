@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ubp_core.rendezvous import CLOSED, LOCK, REGS, REQUEST, SITE, STATE, TID
 from ubp_core.types import Analysis, Strategy
 
 from .analysis import Plan, _mem_operand
@@ -81,16 +82,24 @@ def counting_trampoline(analyses: Sequence[Analysis], tramp: int, counter: int) 
         return "the counter is out of rip-relative reach of the trampoline"
     code += LOCK_INC_RIP + (rel & 0xFFFFFFFF).to_bytes(4, "little")
     code += EPILOGUE
+    tail = relocated(analyses, tramp + len(code))
+    return tail if isinstance(tail, str) else bytes(code + tail)
+
+
+def relocated(analyses: Sequence[Analysis], at: int) -> bytes | str:
+    """The covered instructions re-based to run at ``at``, then the jump back to the
+    instruction after them; or why they cannot be."""
+    code = bytearray()
     for a in analyses:
         why = relocation_refusal(a)
         if why is not None:
             return why
-        moved = _rebased(a.insn.raw, a.plan, a.insn.address, tramp + len(code))
+        moved = _rebased(a.insn.raw, a.plan, a.insn.address, at + len(code))
         if moved is None:
             return f"{a.insn.mnemonic} {a.insn.op_str}: its rip-relative operand is out of reach"
         code += moved
     last = analyses[-1].insn
-    back = _jmp_back(tramp + len(code), last.address + last.length)
+    back = _jmp_back(at + len(code), last.address + last.length)
     if back is None:
         return "the trampoline is out of reach of the site"
     return bytes(code + back)
@@ -200,8 +209,6 @@ def rendezvous_trampoline(analyses: Sequence[Analysis], tramp: int, counter: int
     there and runs on as a counted miss instead of a deadlock (the kernel's kprobes
     count the same "missed" hits).
     """
-    from ubp_core.rendezvous import CLOSED, LOCK, REGS, REQUEST, SITE, STATE, TID
-
     asm = _Asm(tramp)
     asm.emit(PROLOGUE)  # lea rsp,[rsp-128]; pushfq
     if not asm.rip_rel("f048ff05", counter):  # lock inc qword [rip+counter]: every entry
@@ -285,19 +292,10 @@ def rendezvous_trampoline(analyses: Sequence[Analysis], tramp: int, counter: int
         n = REG_NUM[reg]
         asm.emit(bytes([0x41, 0x58 | (n & 7)]) if n >= 8 else bytes([0x58 | n]))
     asm.emit(EPILOGUE)  # popfq; lea rsp,[rsp+128]
-    for a in analyses:
-        why = relocation_refusal(a)
-        if why is not None:
-            return why
-        moved = _rebased(a.insn.raw, a.plan, a.insn.address, asm.here())
-        if moved is None:
-            return f"{a.insn.mnemonic} {a.insn.op_str}: its rip-relative operand is out of reach"
-        asm.emit(moved)
-    last = analyses[-1].insn
-    back = _jmp_back(asm.here(), last.address + last.length)
-    if back is None:
-        return "the trampoline is out of reach of the site"
-    asm.emit(back)
+    tail = relocated(analyses, asm.here())
+    if isinstance(tail, str):
+        return tail
+    asm.emit(tail)
 
     for name, after in (("missed", "done"), ("missed_locked", "unlock")):
         asm.label(name)
